@@ -1,0 +1,128 @@
+"""The ``crucible`` command: run the pipeline, report its state, list stages, write demo data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import flows  # noqa: F401  (embedded defaults before Prefect is imported)
+from tasks.config import load_config
+from tasks.errors import CrucibleError
+from tasks.registry import STAGE_ORDER, STAGES
+
+
+def status_report(config_path: str) -> dict:
+    """The stable ``crucible status --json`` document (see the README)."""
+    from tasks.engine import plan
+
+    config = load_config(config_path)
+    stages = []
+    for name, planned in plan(config).items():
+        manifest = planned.manifest()
+        stages.append(
+            {
+                "stage": name,
+                "status": "done" if manifest else "missing",
+                "fingerprint": planned.fingerprint,
+                "path": planned.out.uri,
+                "rows": manifest.rows if manifest else None,
+                "tokens": manifest.tokens if manifest else None,
+                "finished_at": manifest.finished_at.isoformat() if manifest else None,
+                "mlflow_run_id": manifest.mlflow_run_id if manifest else None,
+            }
+        )
+    return {"config": str(config_path), "name": config.name, "store": config.store_uri(), "stages": stages}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tasks.engine import plan, select_stages
+
+    config = load_config(args.config)
+    select_stages(config, args.from_stage, args.until_stage)
+    plan(config)  # every config and input error surfaces here, before Prefect or Ray start
+    from flows.pipeline import pipeline
+
+    started = time.monotonic()
+    outcomes = pipeline(config=config, from_stage=args.from_stage, until_stage=args.until_stage, force=args.force or None)
+    ran = [o.stage for o in outcomes if o.state == "ran"]
+    cached = [o.stage for o in outcomes if o.state == "cached"]
+    print(f"\nPipeline '{config.name}' finished in {time.monotonic() - started:.1f}s: "
+          f"ran {len(ran)} ({', '.join(ran) or '-'}), cached {len(cached)} ({', '.join(cached) or '-'})")
+    for o in outcomes:
+        size = f"{o.manifest.rows} rows" if o.manifest.rows is not None else ""
+        if o.manifest.tokens is not None:
+            size += f"{', ' if size else ''}{o.manifest.tokens} tokens"
+        print(f"  {o.stage:<10} {o.state:<7} {size:<28} {o.manifest.path}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report = status_report(args.config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['name']}  (store: {report['store']})")
+    for s in report["stages"]:
+        size = f"{s['rows']} rows" if s["rows"] is not None else ""
+        print(f"  {s['stage']:<10} {s['status']:<8} {s['fingerprint']}  {size:<14} {s['path']}")
+    return 0
+
+
+def cmd_stages(_args: argparse.Namespace) -> int:
+    for name in STAGE_ORDER:
+        stage = STAGES.get(name)
+        if stage is None:
+            print(f"  {name:<10} (not implemented yet)")
+        else:
+            print(f"  {name:<10} upstream: {', '.join(stage.upstream) or '-':<18} code version {stage.version}")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from tasks.data.demo_corpus import write_demo_corpus
+
+    written = write_demo_corpus(Path(args.dir))
+    for name, path in written.items():
+        print(f"  {name:<8} {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crucible", description="Raw text to an aligned language model, one DAG.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline (complete stages are skipped)")
+    run.add_argument("config")
+    run.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and every stage after it")
+    run.add_argument("--until", dest="until_stage", metavar="STAGE", help="stop after STAGE")
+    run.add_argument("--force", nargs="+", metavar="STAGE", help="rerun exactly these stages")
+    run.set_defaults(fn=cmd_run)
+
+    status = sub.add_parser("status", help="per stage: done or missing, fingerprint, output, counts")
+    status.add_argument("config")
+    status.add_argument("--json", action="store_true", help="machine-readable output (stable format)")
+    status.set_defaults(fn=cmd_status)
+
+    stages = sub.add_parser("stages", help="list the stages in pipeline order")
+    stages.set_defaults(fn=cmd_stages)
+
+    demo = sub.add_parser("demo-data", help="write the demo corpus from text already on this machine")
+    demo.add_argument("dir")
+    demo.set_defaults(fn=cmd_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except CrucibleError as exc:
+        print(f"crucible: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

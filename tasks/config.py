@@ -1,0 +1,124 @@
+"""The pipeline config: one pydantic model, loaded from YAML, checked before anything runs.
+
+General sections (``name``, ``store``, ``tracking``, ``ray``) plus one optional section per
+stage. A stage runs only if its section is present; the sections present must form a chain
+(every stage's upstream stages are configured too). Unknown keys are errors everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.data.filter import FilterConfig
+from tasks.data.ingest import IngestConfig
+from tasks.errors import ConfigError
+from tasks.paths import state_dir
+from tasks.registry import STAGE_ORDER, STAGES
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrackingConfig(Strict):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else a SQLite DB under the state dir",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment; default: the pipeline name")
+
+
+class RayConfig(Strict):
+    address: str | None = Field(
+        None, description="Ray cluster address; default: $RAY_ADDRESS, else a local Ray started on demand"
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
+
+
+class PipelineConfig(Strict):
+    """A whole Crucible pipeline."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="pipeline (= MLflow experiment) name")
+    store: str | None = Field(
+        None, description="where outputs live: a folder or an object-store URI; default: the state dir's store/"
+    )
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    ingest: IngestConfig | None = None
+    filter: FilterConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_stages_only(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key in STAGE_ORDER and key not in STAGES:
+                    raise ValueError(
+                        f"stage '{key}' is not implemented in this version of Crucible "
+                        f"(available: {', '.join(STAGES)})"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _sections_form_a_chain(self) -> PipelineConfig:
+        for stage in self.configured_stages():
+            missing = [up for up in STAGES[stage].upstream if self.section(up) is None]
+            if missing:
+                raise ValueError(f"stage '{stage}' needs the section(s) {', '.join(missing)}")
+        return self
+
+    def store_uri(self) -> str:
+        return self.store or str(state_dir() / "store")
+
+    def section(self, stage: str) -> BaseModel | None:
+        return getattr(self, stage, None)
+
+    def configured_stages(self) -> list[str]:
+        """The stages this config runs, in pipeline order."""
+        return [s for s in STAGE_ORDER if s in STAGES and self.section(s) is not None]
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after[_sections_form_a_chain()]",):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def validate_config(data: Any, source: str) -> PipelineConfig:
+    """Validate a dict (from YAML, the CLI or the Prefect UI); raise ``ConfigError`` naming fields."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("(top level)", "expected a mapping of sections")])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            why = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                why = "unknown key"
+            problems.append((_field_path(err["loc"]), why))
+        raise ConfigError(source, problems) from None
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a YAML config. Errors name the file, the field path and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [("(file)", "no such file")])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        raise ConfigError(str(path), [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
+    return validate_config(data or {}, str(path))

@@ -1,0 +1,359 @@
+"""``ingest``: read the configured sources into Crucible's document schema.
+
+One Ray Data task per input file streams it row by row into one Parquet shard
+(``documents/{source}-{n}.parquet``). Rows that cannot be used (malformed JSON, invalid UTF-8,
+missing/empty/non-string text, a repeated id) go to ``quarantine/`` with the file, the line and
+the error: they are counted and reported, never fatal, and never take a valid row with them.
+Shards are written atomically, so a rerun after a crash reuses every finished shard.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.errors import ConfigError
+from tasks.stage import Stage, StageContext, StageResult
+
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("domain", pa.string()),
+        ("url", pa.string()),
+        ("meta", pa.string()),  # JSON of the input row's other fields
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [("source", pa.string()), ("file", pa.string()), ("line", pa.int64()), ("error", pa.string()), ("raw", pa.string())]
+)
+RAW_PREVIEW = 500
+
+
+class Source(BaseModel):
+    """One input: files matching ``path`` (a glob, local or on an object store)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="short unique name; prefixes every id")
+    path: str = Field(..., description="file, glob (`data/**/*.jsonl`) or URI (`s3://bucket/web/*.parquet`)")
+    format: Literal["jsonl", "parquet", "text"] = "jsonl"
+    text_field: str = Field("text", description="field/column holding the text (jsonl, parquet)")
+    id_field: str | None = Field(None, description="field with a unique id; default: file and line")
+    url_field: str | None = Field("url", description="field with the document's URL, if any")
+    domain: str = Field(..., description="domain label used for filtering and mixing, e.g. web, code")
+
+
+class IngestConfig(BaseModel):
+    """Sources to read. Documents keep ids of the form ``{source}/{id or file:line}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[Source] = Field(..., min_length=1)
+    row_group_rows: int = Field(10_000, ge=1, description="rows buffered per Parquet row group")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[Source]) -> list[Source]:
+        names = [s.name for s in sources]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(repeated)}")
+        return sources
+
+
+# ---------------------------------------------------------------------------------- listing
+
+
+def _glob_base(pattern: str) -> str:
+    """The part of a glob before its first wildcard, cut at a path separator."""
+    cut = re.search(r"[*?\[]", pattern)
+    return pattern if cut is None else pattern[: cut.start()].rsplit("/", 1)[0]
+
+
+def list_source_files(source: Source) -> tuple[str, list[pafs.FileInfo]]:
+    """Files of a source as (base dir, infos), sorted so ids and shard numbers are stable."""
+    pattern = source.path
+    if "://" in pattern and not pattern.startswith("file://"):
+        fs, path = pafs.FileSystem.from_uri(pattern)
+        base = _glob_base(path)
+        if base == path:
+            infos = [fs.get_file_info(path)]
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            infos = [i for i in infos if fnmatch.fnmatch(i.path, path)]
+    else:
+        path = os.path.abspath(os.path.expanduser(pattern.removeprefix("file://")))
+        fs = pafs.LocalFileSystem()
+        base = _glob_base(path)
+        infos = fs.get_file_info(sorted(glob.glob(path, recursive=True)))
+    files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+    return (base if base != path else os.path.dirname(path)), files
+
+
+def source_files(cfg: IngestConfig) -> list[tuple[int, str, list[pafs.FileInfo]]]:
+    """Every source's files; a source that matches nothing is a config error naming it."""
+    listed, problems = [], []
+    for i, source in enumerate(cfg.sources):
+        try:
+            base, files = list_source_files(source)
+        except (OSError, ValueError) as exc:
+            problems.append((f"ingest.sources[{i}].path", f"cannot read '{source.path}': {exc}"))
+            continue
+        if not files:
+            problems.append((f"ingest.sources[{i}].path", f"no files match '{source.path}'"))
+        listed.append((i, base, files))
+    if problems:
+        raise ConfigError("config", problems)
+    return listed
+
+
+def inputs_digest(cfg: IngestConfig, _pipeline: Any) -> str:
+    """Ingest's output depends on the files themselves: their names, sizes and mtimes."""
+    digest = hashlib.sha256()
+    for i, _base, files in source_files(cfg):
+        for info in files:
+            digest.update(f"{i}\0{info.path}\0{info.size}\0{info.mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+class BadRow(Exception):
+    """A row that goes to quarantine, with (a preview of) what was read."""
+
+    def __init__(self, error: str, raw: str = ""):
+        super().__init__(error)
+        self.raw = raw
+
+
+def _document(source: Source, fallback_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    text = record.get(source.text_field)
+    if text is None:
+        raise BadRow(f"missing text field '{source.text_field}'")
+    if not isinstance(text, str):
+        raise BadRow(f"text field '{source.text_field}' is {type(text).__name__}, not a string")
+    if not text.strip():
+        raise BadRow(f"empty text field '{source.text_field}'")
+    if source.id_field:
+        raw_id = record.get(source.id_field)
+        if raw_id is None or raw_id == "":
+            raise BadRow(f"missing id field '{source.id_field}'")
+        doc_id = f"{source.name}/{raw_id}"
+    else:
+        doc_id = f"{source.name}/{fallback_id}"
+    url = record.get(source.url_field) if source.url_field else None
+    used = {source.text_field, source.id_field, source.url_field}
+    rest = {k: v for k, v in record.items() if k not in used}
+    return {
+        "id": doc_id,
+        "text": text,
+        "source": source.name,
+        "domain": source.domain,
+        "url": url if isinstance(url, str) else None,
+        "meta": json.dumps(rest, default=str, ensure_ascii=False) if rest else None,
+    }
+
+
+def _read_jsonl(fs: pafs.FileSystem, path: str, rel: str, source: Source) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, document dict or BadRow) for each non-blank line."""
+    with fs.open_input_stream(path) as stream:
+        buffer = b""
+        lineno = 0
+        while True:
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                lineno += 1
+                yield lineno, _parse_json_line(line, f"{rel}:{lineno}", source)
+        if buffer:
+            lineno += 1
+            yield lineno, _parse_json_line(buffer, f"{rel}:{lineno}", source)
+
+
+def _parse_json_line(line: bytes, where: str, source: Source) -> Any:
+    if not line.strip():
+        return None
+    raw = line[: RAW_PREVIEW * 4].decode("utf-8", errors="replace")
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return BadRow(f"invalid UTF-8 at byte {exc.start}", raw)
+    except json.JSONDecodeError as exc:
+        return BadRow(f"malformed JSON: {exc.msg} (column {exc.colno})", raw)
+    if not isinstance(record, dict):
+        return BadRow(f"expected a JSON object, got {type(record).__name__}", raw)
+    try:
+        return _document(source, where, record)
+    except BadRow as bad:
+        return BadRow(str(bad), raw)
+
+
+def _read_parquet(fs: pafs.FileSystem, path: str, rel: str, source: Source) -> Iterator[tuple[int, Any]]:
+    with fs.open_input_file(path) as handle:
+        reader = pq.ParquetFile(handle)
+        if source.text_field not in reader.schema_arrow.names:
+            raise BadRow(f"no column '{source.text_field}' (columns: {', '.join(reader.schema_arrow.names)})")
+        row = 0
+        for batch in reader.iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                row += 1
+                try:
+                    yield row, _document(source, f"{rel}:{row}", record)
+                except BadRow as bad:
+                    yield row, BadRow(str(bad), json.dumps(record, default=str, ensure_ascii=False))
+
+
+def _read_text(fs: pafs.FileSystem, path: str, rel: str, source: Source) -> Iterator[tuple[int, Any]]:
+    with fs.open_input_stream(path) as stream:
+        data = stream.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        yield 1, BadRow(f"invalid UTF-8 at byte {exc.start}")
+        return
+    try:
+        yield 1, _document(source.model_copy(update={"text_field": "text", "id_field": None}), rel, {"text": text})
+    except BadRow as bad:
+        yield 1, bad
+
+
+READERS = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+class _ShardWriter:
+    """Streams rows into one Parquet file in row groups, under a temporary name until done."""
+
+    def __init__(self, fs: pafs.FileSystem, final: str, schema: pa.Schema, group_rows: int):
+        self.fs, self.final, self.schema, self.group_rows = fs, final, schema, group_rows
+        self.tmp = f"{final}.partial"
+        self.rows: list[dict] = []
+        self.count = 0
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.count += 1
+        if len(self.rows) >= self.group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, filesystem=self.fs)
+        self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+        self.rows = []
+
+    def close(self, metadata: dict[str, str] | None = None, keep_empty: bool = True) -> bool:
+        if self.count == 0 and not keep_empty:
+            return False
+        if self.writer is None or self.rows:
+            self._flush()
+        if metadata:
+            self.writer.add_key_value_metadata(metadata)
+        self.writer.close()
+        self.fs.move(self.tmp, self.final)
+        return True
+
+
+def ingest_file(task: dict[str, Any], cfg: IngestConfig, out_root: str, fs: pafs.FileSystem) -> dict[str, Any]:
+    """Ingest one file into its shard; reuse the shard if an earlier attempt finished it."""
+    source = cfg.sources[task["source_index"]]
+    shard = f"{source.name}-{task['file_index']:05d}.parquet"
+    docs_path = f"{out_root}/documents/{shard}"
+    if fs.get_file_info(docs_path).type == pafs.FileType.File:
+        meta = pq.read_metadata(docs_path, filesystem=fs).metadata or {}
+        return {"source": source.name, "rows": int(meta[b"crucible.rows"]), "quarantined": int(meta[b"crucible.quarantined"]), "reused": True}
+
+    src_fs = pafs.FileSystem.from_uri(task["fs_uri"])[0] if task["fs_uri"] else pafs.LocalFileSystem()
+    docs = _ShardWriter(fs, docs_path, DOCUMENT_SCHEMA, cfg.row_group_rows)
+    bad = _ShardWriter(fs, f"{out_root}/quarantine/{shard}", QUARANTINE_SCHEMA, cfg.row_group_rows)
+    seen: set[str] = set()
+
+    def quarantine(line: int, error: str, raw: str = "") -> None:
+        bad.add({"source": source.name, "file": task["rel"], "line": line, "error": error, "raw": raw[:RAW_PREVIEW]})
+
+    try:
+        for line, item in READERS[source.format](src_fs, task["path"], task["rel"], source):
+            if item is None:
+                continue
+            if isinstance(item, BadRow):
+                quarantine(line, str(item), item.raw)
+            elif item["id"] in seen:
+                quarantine(line, f"repeated id '{item['id']}'", item["text"])
+            else:
+                seen.add(item["id"])
+                docs.add(item)
+    except (OSError, BadRow) as exc:  # unreadable file or unusable schema: the whole file is quarantined
+        quarantine(0, f"unreadable file: {exc}")
+    bad.close(keep_empty=False)
+    docs.close({"crucible.rows": str(docs.count), "crucible.quarantined": str(bad.count)})
+    return {"source": source.name, "rows": docs.count, "quarantined": bad.count, "reused": False}
+
+
+def run(ctx: StageContext) -> StageResult:
+    import ray
+
+    cfg: IngestConfig = ctx.config
+    tasks = []
+    for i, base, files in source_files(cfg):
+        remote = "://" in cfg.sources[i].path and not cfg.sources[i].path.startswith("file://")
+        for n, info in enumerate(files):
+            tasks.append(
+                {
+                    "source_index": i,
+                    "file_index": n,
+                    "path": info.path,
+                    "fs_uri": cfg.sources[i].path if remote else None,
+                    "rel": os.path.relpath(info.path, base) if base else info.path,
+                }
+            )
+    ctx.out.make("documents")
+    ctx.out.make("quarantine")
+    out_root, fs = ctx.out.root, ctx.out.fs
+    stats = (
+        ray.data.from_items(tasks, override_num_blocks=len(tasks))
+        .map(lambda task: ingest_file(task, cfg, out_root, fs))
+        .take_all()
+    )
+    per_source: dict[str, dict[str, int]] = {}
+    for row in stats:
+        entry = per_source.setdefault(row["source"], {"files": 0, "rows": 0, "quarantined": 0})
+        entry["files"] += 1
+        entry["rows"] += row["rows"]
+        entry["quarantined"] += row["quarantined"]
+    rows = sum(s["rows"] for s in per_source.values())
+    quarantined = sum(s["quarantined"] for s in per_source.values())
+    counts = {"files": len(stats), "quarantined": quarantined, "reused_shards": sum(r["reused"] for r in stats)}
+    for name, entry in per_source.items():
+        counts[f"rows.{name}"] = entry["rows"]
+        counts[f"quarantined.{name}"] = entry["quarantined"]
+    table = "\n".join(
+        f"| {name} | {e['files']} | {e['rows']} | {e['quarantined']} |" for name, e in sorted(per_source.items())
+    )
+    report = (
+        f"Ingested **{rows}** documents from {len(stats)} files; **{quarantined}** rows quarantined "
+        f"(see `quarantine/`).\n\n| source | files | documents | quarantined |\n|---|---|---|---|\n{table}\n"
+    )
+    return StageResult(rows=rows, counts=counts, metrics={"quarantine_rate": quarantined / max(1, rows + quarantined)}, report=report)
+
+
+STAGE = Stage(name="ingest", upstream=(), version="1", run=run, inputs=inputs_digest)

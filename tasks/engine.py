@@ -1,0 +1,270 @@
+"""The stage engine: fingerprints, output folders, skip-when-complete, manifests, MLflow runs.
+
+``plan`` works out every configured stage's fingerprint and whether its output is complete,
+without running anything. ``run_stage`` runs one stage (or reports it cached) and
+``run_pipeline`` runs a slice of the chain. Prefect flows wrap these; nothing here imports
+Prefect, so the same engine serves the CLI, the flows and the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from typing import Literal
+
+from pydantic import BaseModel
+
+from tasks.config import PipelineConfig
+from tasks.errors import StageError
+from tasks.ray_runtime import ensure_ray
+from tasks.registry import STAGE_ORDER, STAGES
+from tasks.stage import Manifest, StageContext
+from tasks.store import MANIFEST, StageDir
+from tasks.tracking import RunLogger, end_run, git_commit, start_run, tracking_uri
+
+try:
+    CRUCIBLE_VERSION = version("crucible")
+except PackageNotFoundError:  # running from a checkout that is not installed
+    CRUCIBLE_VERSION = "0+unknown"
+
+
+def fingerprint(stage: str, section: BaseModel, code_version: str, upstream: dict[str, str], inputs: str = "") -> str:
+    """hash(stage name, stage config, stage code version, upstream fingerprints[, input digest])."""
+    payload = json.dumps(
+        {
+            "stage": stage,
+            "config": section.model_dump(mode="json"),
+            "code_version": code_version,
+            "upstream": dict(sorted(upstream.items())),
+            "inputs": inputs,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    fingerprint: str
+    upstream: dict[str, str]
+    out: StageDir
+
+    def manifest(self) -> Manifest | None:
+        """The stage's manifest if its output is complete (a folder without one never counts)."""
+        data = self.out.read_json(MANIFEST)
+        return Manifest.model_validate(data) if data is not None else None
+
+
+def plan(config: PipelineConfig) -> dict[str, PlannedStage]:
+    """Fingerprint every configured stage, in order. Raises ``ConfigError`` for unusable inputs."""
+    planned: dict[str, PlannedStage] = {}
+    for name in config.configured_stages():
+        stage = STAGES[name]
+        section = config.section(name)
+        upstream = {up: planned[up].fingerprint for up in stage.upstream}
+        inputs = stage.inputs(section, config) if stage.inputs else ""
+        fp = fingerprint(name, section, stage.version, upstream, inputs)
+        planned[name] = PlannedStage(name, fp, upstream, StageDir.at(config.store_uri(), name, fp))
+    return planned
+
+
+class StageOutcome(BaseModel):
+    """What happened to one stage in a run: small, so flows can pass it around."""
+
+    stage: str
+    state: Literal["ran", "cached"]
+    manifest: Manifest
+    duration_s: float
+    mlflow_run_id: str | None = None
+    report: str = ""
+
+
+def _stage_tags(planned: PlannedStage, state: str) -> dict[str, str | None]:
+    return {
+        "crucible.stage": planned.name,
+        "crucible.fingerprint": planned.fingerprint,
+        "crucible.upstream": json.dumps(planned.upstream, sort_keys=True),
+        "crucible.version": CRUCIBLE_VERSION,
+        "crucible.git_commit": git_commit(),
+        "crucible.state": state,
+        "crucible.output": planned.out.uri,
+    }
+
+
+def _experiment(config: PipelineConfig) -> str:
+    return config.tracking.experiment or config.name
+
+
+def run_stage(
+    config: PipelineConfig,
+    name: str,
+    *,
+    force: bool = False,
+    upstream: dict[str, Manifest] | None = None,
+    parent_run_id: str | None = None,
+    planned: dict[str, PlannedStage] | None = None,
+) -> StageOutcome:
+    """Run one stage, or report it cached when its manifest exists and ``force`` is off.
+
+    ``upstream`` manifests are read from the store when not given (a stage run on its own).
+    An incomplete folder from an earlier attempt is kept, so stages can resume inside it;
+    ``force`` clears it first.
+    """
+    if name not in STAGES:
+        raise StageError(f"unknown stage '{name}' (available: {', '.join(STAGES)})")
+    planned = planned or plan(config)
+    if name not in planned:
+        raise StageError(f"stage '{name}' is not configured: add a '{name}:' section to the config")
+    me = planned[name]
+    uri = tracking_uri(config.tracking.uri)
+    started = time.monotonic()
+
+    existing = None if force else me.manifest()
+    if existing is not None:
+        run_id = start_run(uri, _experiment(config), name, parent_run_id, {
+            **_stage_tags(me, "cached"), "crucible.produced_by": existing.mlflow_run_id,
+        })
+        log = RunLogger(run_id, uri)
+        log.log_params(config.section(name).model_dump(mode="json"))
+        end_run(uri, run_id)
+        return StageOutcome(stage=name, state="cached", manifest=existing, duration_s=time.monotonic() - started, mlflow_run_id=run_id)
+
+    inputs = dict(upstream or {})
+    for up in STAGES[name].upstream:
+        if up not in inputs:
+            found = planned[up].manifest()
+            if found is None:
+                raise StageError(
+                    f"stage '{name}' needs the output of '{up}' (fingerprint {planned[up].fingerprint}), "
+                    f"which is not complete: run up to '{up}' first"
+                )
+            inputs[up] = found
+        if inputs[up].fingerprint != me.upstream[up]:
+            raise StageError(f"stage '{name}': upstream '{up}' manifest does not match the planned fingerprint")
+
+    if force:
+        me.out.clear()
+    me.out.make()
+    run_id = start_run(uri, _experiment(config), name, parent_run_id, _stage_tags(me, "ran"))
+    log = RunLogger(run_id, uri)
+    log.log_params(config.section(name).model_dump(mode="json"))
+    began = datetime.now(timezone.utc)
+    try:
+        ensure_ray(config.ray)
+        ctx = StageContext(name=name, config=config.section(name), pipeline=config, upstream=inputs, out=me.out, log=log, run_id=run_id)
+        result = STAGES[name].run(ctx)
+        me.out.write_bytes_atomic("report.md", result.report.encode())
+        manifest = Manifest(
+            stage=name,
+            fingerprint=me.fingerprint,
+            upstream=me.upstream,
+            path=me.out.uri,
+            files=me.out.list_files(),
+            rows=result.rows,
+            tokens=result.tokens,
+            counts=result.counts,
+            metrics=result.metrics,
+            mlflow_run_id=run_id,
+            code_version=STAGES[name].version,
+            crucible_version=CRUCIBLE_VERSION,
+            started_at=began,
+            finished_at=datetime.now(timezone.utc),
+        )
+        me.out.write_bytes_atomic(MANIFEST, manifest.model_dump_json(indent=2).encode())
+    except BaseException:
+        log.flush()
+        end_run(uri, run_id, "FAILED")
+        raise
+    counters = {f"count.{k}": v for k, v in result.counts.items()}
+    sizes = {k: v for k, v in (("rows", result.rows), ("tokens", result.tokens)) if v is not None}
+    log.log_metrics({**result.metrics, **counters, **sizes, "duration_s": time.monotonic() - started})
+    log.log_dict(manifest.model_dump(mode="json"), "manifest.json")
+    log.log_text(result.report, "report.md")
+    log.flush()
+    end_run(uri, run_id)
+    return StageOutcome(
+        stage=name, state="ran", manifest=manifest, duration_s=time.monotonic() - started,
+        mlflow_run_id=run_id, report=result.report,
+    )
+
+
+def select_stages(
+    config: PipelineConfig, from_stage: str | None = None, until_stage: str | None = None
+) -> list[str]:
+    """The configured stages between ``from_stage`` and ``until_stage`` (inclusive)."""
+    configured = config.configured_stages()
+    for label, value in (("from", from_stage), ("until", until_stage)):
+        if value is None:
+            continue
+        if value not in STAGE_ORDER:
+            raise StageError(f"--{label} {value}: unknown stage (stages: {', '.join(STAGE_ORDER)})")
+        if value not in STAGES:
+            raise StageError(f"--{label} {value}: stage '{value}' is not implemented in this version of Crucible")
+        if value not in configured:
+            raise StageError(f"--{label} {value}: stage '{value}' has no section in this config")
+    start = configured.index(from_stage) if from_stage else 0
+    end = configured.index(until_stage) + 1 if until_stage else len(configured)
+    if start >= end:
+        raise StageError(f"--from {from_stage} comes after --until {until_stage}")
+    return configured[start:end]
+
+
+StageRunner = Callable[..., StageOutcome]
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    from_stage: str | None = None,
+    until_stage: str | None = None,
+    force: Iterable[str] = (),
+    runner: StageRunner = run_stage,
+    on_outcome: Callable[[str, str, StageOutcome | None, float], None] | None = None,
+) -> list[StageOutcome]:
+    """Run the selected slice of the chain under one MLflow parent run.
+
+    ``from_stage`` reruns that stage and every later selected stage (forced); earlier stages
+    are read from the store and must be complete. ``force`` reruns exactly the stages named.
+    ``runner`` runs one stage (the Prefect pipeline passes a per-stage subflow);
+    ``on_outcome(stage, state, outcome, seconds)`` hears about every stage, failures included.
+    """
+    force = set(force)
+    unknown = force - set(STAGE_ORDER)
+    if unknown:
+        raise StageError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}")
+    selected = select_stages(config, from_stage, until_stage)
+    if from_stage:
+        force |= set(selected)
+    planned = plan(config)
+    uri = tracking_uri(config.tracking.uri)
+    parent = start_run(uri, _experiment(config), f"{config.name}-pipeline", None, {
+        "crucible.version": CRUCIBLE_VERSION, "crucible.git_commit": git_commit(),
+        "crucible.stages": ",".join(selected), "crucible.kind": "pipeline",
+    })
+    parent_log = RunLogger(parent, uri)
+    parent_log.log_dict(config.model_dump(mode="json"), "config.json")
+    manifests: dict[str, Manifest] = {}
+    outcomes: list[StageOutcome] = []
+    for name in selected:
+        upstream = {up: manifests[up] for up in STAGES[name].upstream if up in manifests}
+        began = time.monotonic()
+        try:
+            outcome = runner(config, name, force=name in force, upstream=upstream, parent_run_id=parent, planned=planned)
+        except BaseException:
+            if on_outcome:
+                on_outcome(name, "failed", None, time.monotonic() - began)
+            end_run(uri, parent, "FAILED")
+            raise
+        manifests[name] = outcome.manifest
+        outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(name, outcome.state, outcome, outcome.duration_s)
+    parent_log.log_metrics({"stages_ran": sum(o.state == "ran" for o in outcomes), "stages_cached": sum(o.state == "cached" for o in outcomes)})
+    parent_log.flush()
+    end_run(uri, parent)
+    return outcomes

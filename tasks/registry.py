@@ -1,0 +1,27 @@
+"""The stage order and the stages this version implements.
+
+The order is fixed; stages land as they are written. A stage listed in ``STAGE_ORDER`` but
+absent from ``STAGES`` is refused with a clear message before anything runs.
+"""
+
+from __future__ import annotations
+
+from tasks.data import filter as filter_stage
+from tasks.data import ingest
+from tasks.stage import Stage
+
+STAGE_ORDER: tuple[str, ...] = (
+    "ingest",
+    "filter",
+    "dedup",
+    "pii",
+    "tokenizer",
+    "tokenize",
+    "pretrain",
+    "sft",
+    "reward",
+    "align",
+    "evaluate",
+)
+
+STAGES: dict[str, Stage] = {s.name: s for s in (ingest.STAGE, filter_stage.STAGE)}

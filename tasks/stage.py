@@ -1,0 +1,88 @@
+"""What a stage is: a function of (its config section, its upstream manifests) -> files + a result.
+
+A stage module (``tasks/data/ingest.py``, ``tasks/train/pretrain.py`` …) defines a pydantic
+config section and a ``run(ctx) -> StageResult`` function, and declares itself with ``Stage``.
+The engine (``tasks/engine.py``) does everything else: fingerprints, output folders, skipping,
+the manifest, the MLflow run. Stage code never sees Prefect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.store import StageDir
+
+if TYPE_CHECKING:
+    from tasks.config import PipelineConfig
+    from tasks.tracking import RunLogger
+
+
+class Manifest(BaseModel):
+    """The record of one completed stage. Small: this is what flows pass between stages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    fingerprint: str
+    upstream: dict[str, str] = Field(description="upstream stage -> its fingerprint")
+    path: str = Field(description="the stage's output folder (local path or URI)")
+    files: list[str] = Field(description="outputs, relative to `path`")
+    rows: int | None = None
+    tokens: int | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    code_version: str
+    crucible_version: str
+    started_at: datetime
+    finished_at: datetime
+
+    def file_paths(self, prefix: str) -> list[str]:
+        """Full paths of the outputs under ``prefix/`` (e.g. ``documents``)."""
+        base = self.path.rstrip("/")
+        return [f"{base}/{f}" for f in self.files if f.startswith(prefix.rstrip("/") + "/")]
+
+
+class StageResult(BaseModel):
+    """What a stage's ``run`` returns; the engine turns it into the manifest."""
+
+    rows: int | None = None
+    tokens: int | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    report: str = Field("", description="markdown summary for Prefect and MLflow")
+
+
+@dataclass
+class StageContext:
+    """Everything a running stage may use."""
+
+    name: str
+    config: Any  # this stage's pydantic section
+    pipeline: PipelineConfig
+    upstream: dict[str, Manifest]
+    out: StageDir
+    log: RunLogger  # this stage's MLflow run (fail-soft)
+    run_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage declaration: its name, inputs, code version and entry point.
+
+    ``version`` is the stage's code version: bump it whenever the stage's output for the same
+    inputs would change, so every fingerprint from here down changes with it.
+    ``inputs`` returns a digest of anything outside the config the output depends on (e.g. the
+    size and mtime of ingested files), and raises ``ConfigError`` if those inputs are unusable.
+    """
+
+    name: str
+    upstream: tuple[str, ...]
+    version: str
+    run: Callable[[StageContext], StageResult]
+    inputs: Callable[[Any, "PipelineConfig"], str] | None = None

@@ -1,0 +1,110 @@
+"""Config errors name the file, the field path and the reason, before anything runs."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from tasks.config import load_config
+from tasks.engine import plan
+from tasks.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems(exc: ConfigError) -> dict[str, str]:
+    return dict(exc.problems)
+
+
+def test_shipped_configs_validate():
+    assert load_config("configs/tiny.yaml").configured_stages()[0] == "ingest"
+    assert load_config("configs/demo.yaml").name == "demo"
+
+
+def test_unknown_key_names_file_and_field(tmp_path):
+    path = write(tmp_path, """
+        name: t
+        ingest:
+          sources:
+            - {name: a, path: x.jsonl, domain: web, colour: blue}
+    """)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert problems(err.value) == {"ingest.sources[0].colour": "unknown key"}
+
+
+def test_wrong_type_names_field(tmp_path):
+    path = write(tmp_path, """
+        name: t
+        ray: {num_cpus: many}
+    """)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "ray.num_cpus" in problems(err.value)
+    assert "integer" in problems(err.value)["ray.num_cpus"]
+
+
+def test_missing_required_and_bad_name(tmp_path):
+    path = write(tmp_path, """
+        name: "has spaces"
+        ingest:
+          sources:
+            - {name: a, path: x.jsonl}
+    """)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    found = problems(err.value)
+    assert "name" in found
+    assert found["ingest.sources[0].domain"] == "Field required"
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = write(tmp_path, "name: t\ningest: [\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "line" in str(err.value) and "not valid YAML" in str(err.value)
+
+
+def test_missing_source_file_is_a_config_error(tmp_path):
+    path = write(tmp_path, f"""
+        name: t
+        ingest:
+          sources:
+            - {{name: a, path: "{tmp_path}/nothing/*.jsonl", domain: web}}
+    """)
+    config = load_config(path)
+    with pytest.raises(ConfigError) as err:
+        plan(config)
+    assert "no files match" in problems(err.value)["ingest.sources[0].path"]
+
+
+def test_duplicate_source_names(tmp_path):
+    path = write(tmp_path, """
+        name: t
+        ingest:
+          sources:
+            - {name: a, path: x.jsonl, domain: web}
+            - {name: a, path: y.jsonl, domain: web}
+    """)
+    with pytest.raises(ConfigError, match="repeated: a"):
+        load_config(path)
+
+
+def test_unimplemented_stage_is_refused(tmp_path):
+    path = write(tmp_path, """
+        name: t
+        evaluate: {}
+    """)
+    with pytest.raises(ConfigError, match="stage 'evaluate' is not implemented"):
+        load_config(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.yaml")
