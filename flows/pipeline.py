@@ -6,17 +6,20 @@ config as a form; a bad value is rejected before any stage runs.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from prefect import flow
 
 from flows.artifacts import publish_pipeline
 from flows.stages import STAGE_FLOWS
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, load_config
 from tasks.engine import StageOutcome, plan, run_pipeline, select_stages
 from tasks.registry import STAGES
 
 StageName = Literal[tuple(STAGES)]  # type: ignore[valid-type]
+# Deployments triggered with no config run the demo pipeline; the UI form starts from it.
+DEMO_CONFIG = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
 
 def _subflow(config: PipelineConfig, name: str, *, force: bool, upstream, parent_run_id, planned) -> StageOutcome:
@@ -25,7 +28,7 @@ def _subflow(config: PipelineConfig, name: str, *, force: bool, upstream, parent
 
 @flow(name="pipeline", flow_run_name="{config.name}", persist_result=False, log_prints=True)
 def pipeline(
-    config: PipelineConfig,
+    config: PipelineConfig = DEMO_CONFIG,
     from_stage: StageName | None = None,
     until_stage: StageName | None = None,
     force: list[StageName] | None = None,
@@ -60,6 +63,6 @@ def pipeline(
 
 
 @flow(name="rerun-stage", flow_run_name="{stage}-{config.name}", persist_result=False, log_prints=True)
-def rerun_stage(config: PipelineConfig, stage: StageName, force: bool = True) -> StageOutcome:
+def rerun_stage(stage: StageName, config: PipelineConfig = DEMO_CONFIG, force: bool = True) -> StageOutcome:
     """Rerun one stage from its upstream outputs in the store (forced by default)."""
     return STAGE_FLOWS[stage](config=config, force=force)

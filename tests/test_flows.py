@@ -1,0 +1,81 @@
+"""Prefect: the pipeline flow, stage flows, artifacts, deployments (Prefect's test harness)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+
+import flows  # noqa: F401
+from deployments.serve import load_deployments
+from flows.pipeline import pipeline, rerun_stage
+from flows.stages import STAGE_FLOWS
+from tasks.config import PipelineConfig, load_config
+from tasks.registry import STAGES
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def tiny(tmp_home):
+    return load_config("configs/tiny.yaml")
+
+
+
+def test_pipeline_flow_runs_then_skips(tiny, ray_session):
+    first = pipeline(config=tiny)
+    assert [o.state for o in first] == ["ran"] * len(tiny.configured_stages())
+    second = pipeline(config=tiny, force=["ingest"], until_stage="ingest")
+    assert [(o.stage, o.state) for o in second] == [("ingest", "ran")]
+    third = pipeline(config=tiny)
+    assert {o.state for o in third} == {"cached"}
+    assert third[0].manifest.rows == 52
+
+    with get_client(sync_client=True) as client:
+        latest = {a.key: a for a in client.read_artifacts()}
+    assert latest["tiny-pipeline"].type == "table"
+    assert "ingest" in str(latest["tiny-pipeline"].data)
+    assert latest["tiny-ingest"].type == "markdown"
+    assert "Ingested **52** documents" in latest["tiny-ingest"].data
+
+
+def test_stage_flow_alone_and_rerun_flow(tiny, ray_session):
+    outcome = STAGE_FLOWS["ingest"](config=tiny)
+    assert outcome.manifest.stage == "ingest"
+    again = rerun_stage(stage="ingest", config=tiny)
+    assert again.state == "ran"
+    assert again.manifest.fingerprint == outcome.manifest.fingerprint
+
+
+def test_bad_parameter_is_rejected_before_running(tiny):
+    bad = tiny.model_dump(mode="json")
+    bad["ingest"]["sources"][0]["colour"] = "blue"
+    with pytest.raises(Exception, match="colour"):
+        pipeline(config=bad)
+    with pytest.raises(Exception, match="until_stage"):
+        pipeline(config=tiny, until_stage="nope")
+
+
+def test_prefect_yaml_deployments_import_and_expose_the_config():
+    spec = yaml.safe_load(open("prefect.yaml"))
+    names = {d["name"] for d in spec["deployments"]}
+    assert names == {"full-pipeline", "nightly-data-refresh", "rerun-stage"}
+    deployments = {d.name: d for d in load_deployments()}
+    for name, deployment in deployments.items():
+        schema = deployment._parameter_openapi_schema.model_dump()
+        config_schema = schema["definitions"]["PipelineConfig"]["properties"]
+        assert set(STAGES) <= set(config_schema), name
+        assert {"name", "store", "tracking", "ray"} <= set(config_schema)
+    [cron] = deployments["nightly-data-refresh"].schedules
+    assert cron.schedule.cron == "0 2 * * *"
+    assert deployments["nightly-data-refresh"].parameters == {"until_stage": "pii"}
+
+
+def test_flow_default_config_is_the_demo_config():
+    assert pipeline.parameters.properties["config"]["default"]["name"] == "demo"
+    assert PipelineConfig.model_validate(pipeline.parameters.properties["config"]["default"]) == load_config("configs/demo.yaml")
