@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,11 +85,21 @@ def cmd_stages(_args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
+    """Write the demo sets; files whose bytes are unchanged are left alone, so their mtimes
+    (part of ingest's fingerprint) stay put and a second ``make demo`` is all cached."""
     from tasks.data.demo_corpus import write_demo_corpus
 
-    written = write_demo_corpus(Path(args.dir))
-    for name, path in written.items():
-        print(f"  {name:<8} {path}")
+    target = Path(args.dir)
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target) as scratch:
+        fresh = write_demo_corpus(Path(scratch))
+        for name, path in fresh.items():
+            final = target / path.relative_to(scratch)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            changed = not final.exists() or not filecmp.cmp(path, final, shallow=False)
+            if changed:
+                shutil.move(path, final)
+            print(f"  {name:<8} {final}  ({'written' if changed else 'unchanged'})")
     return 0
 
 

@@ -8,6 +8,7 @@ on the next call that reaches the server, or on ``flush()``.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -51,6 +52,7 @@ def experiment_id(uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+@functools.cache
 def git_commit() -> str | None:
     try:
         out = subprocess.run(

@@ -61,3 +61,13 @@ def test_status_json_reports_every_configured_stage(tmp_home, ray_session, capsy
     assert all(s["status"] == "missing" for s in rest)
     assert set(ingest) == {"stage", "status", "fingerprint", "path", "rows", "tokens", "finished_at", "mlflow_run_id"}
     assert ingest["path"].startswith(str(tmp_home / "store" / "ingest"))
+
+
+def test_demo_data_leaves_unchanged_files_alone(tmp_path):
+    assert crucible("demo-data", str(tmp_path)).returncode == 0
+    files = sorted(tmp_path.glob("*.jsonl"))
+    assert {f.stem for f in files} >= {"web", "legal", "code", "docs"}
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    again = crucible("demo-data", str(tmp_path))
+    assert again.returncode == 0 and "written" not in again.stdout
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
