@@ -67,7 +67,8 @@ def plan(config: PipelineConfig) -> dict[str, PlannedStage]:
     for name in config.configured_stages():
         stage = STAGES[name]
         section = config.section(name)
-        upstream = {up: planned[up].fingerprint for up in stage.upstream}
+        feeding = stage.upstream + tuple(up for up in stage.optional_upstream if up in planned)
+        upstream = {up: planned[up].fingerprint for up in feeding}
         inputs = stage.inputs(section, config) if stage.inputs else ""
         fp = fingerprint(name, section, stage.version, upstream, inputs)
         planned[name] = PlannedStage(name, fp, upstream, StageDir.at(config.store_uri(), name, fp))
@@ -136,7 +137,7 @@ def run_stage(
         return StageOutcome(stage=name, state="cached", manifest=existing, duration_s=time.monotonic() - started, mlflow_run_id=run_id)
 
     inputs = dict(upstream or {})
-    for up in STAGES[name].upstream:
+    for up in me.upstream:
         if up not in inputs:
             found = planned[up].manifest()
             if found is None:
@@ -251,7 +252,7 @@ def run_pipeline(
     manifests: dict[str, Manifest] = {}
     outcomes: list[StageOutcome] = []
     for name in selected:
-        upstream = {up: manifests[up] for up in STAGES[name].upstream if up in manifests}
+        upstream = {up: manifests[up] for up in planned[name].upstream if up in manifests}
         began = time.monotonic()
         try:
             outcome = runner(config, name, force=name in force, upstream=upstream, parent_run_id=parent, planned=planned)

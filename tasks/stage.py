@@ -79,6 +79,8 @@ class Stage:
     inputs would change, so every fingerprint from here down changes with it.
     ``inputs`` returns a digest of anything outside the config the output depends on (e.g. the
     size and mtime of ingested files), and raises ``ConfigError`` if those inputs are unusable.
+    ``optional_upstream`` stages feed this one when the config has them (``evaluate`` scores
+    whichever models the pipeline trains); they count in the fingerprint only then.
     """
 
     name: str
@@ -86,3 +88,4 @@ class Stage:
     version: str
     run: Callable[[StageContext], StageResult]
     inputs: Callable[[Any, "PipelineConfig"], str] | None = None
+    optional_upstream: tuple[str, ...] = ()

@@ -42,8 +42,8 @@ def test_missing_inputs_and_unknown_stage_fail_clearly(tmp_home, tmp_path):
     cfg.write_text(f"name: t\ningest:\n  sources:\n    - {{name: a, path: '{tmp_path}/none/*.jsonl', domain: web}}\n")
     result = crucible("run", str(cfg))
     assert result.returncode == 2 and "ingest.sources[0].path: no files match" in result.stderr
-    result = crucible("run", "configs/tiny.yaml", "--until", "evaluate")
-    assert result.returncode == 2 and "not implemented" in result.stderr
+    result = crucible("run", "configs/tiny.yaml", "--until", "nope")
+    assert result.returncode == 2 and "unknown stage" in result.stderr
 
 
 def test_status_json_reports_every_configured_stage(tmp_home, ray_session, capsys):

@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 
+import tasks.registry as registry
+
 from tasks.config import load_config
 from tasks.engine import plan
 from tasks.errors import ConfigError
@@ -96,7 +98,8 @@ def test_duplicate_source_names(tmp_path):
         load_config(path)
 
 
-def test_unimplemented_stage_is_refused(tmp_path):
+def test_unimplemented_stage_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delitem(registry.STAGES, "evaluate", raising=False)  # as before the stage existed
     path = write(tmp_path, """
         name: t
         evaluate: {}

@@ -153,8 +153,11 @@ def test_stage_alone_needs_complete_upstream(tiny):
         run_stage(tiny, stages[1])
 
 
-def test_bad_slices_are_refused(tiny):
+def test_bad_slices_are_refused(tiny, monkeypatch):
     with pytest.raises(StageError, match="unknown stage"):
         run_pipeline(tiny, until_stage="nope")
+    with pytest.raises(StageError, match="has no section in this config"):
+        run_pipeline(tiny, until_stage="evaluate")
+    monkeypatch.delitem(registry.STAGES, "evaluate", raising=False)
     with pytest.raises(StageError, match="not implemented"):
         run_pipeline(tiny, until_stage="evaluate")
