@@ -85,21 +85,31 @@ def cmd_stages(_args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    """Write the demo sets; files whose bytes are unchanged are left alone, so their mtimes
-    (part of ingest's fingerprint) stay put and a second ``make demo`` is all cached."""
+    """Write the demo sets (corpus, chat and preference data, evaluation suites).
+
+    Files whose bytes are unchanged are left alone, so their mtimes (part of the fingerprints
+    of the stages reading them) stay put and a second ``make demo`` is all cached.
+    """
+    from tasks.data.demo_chat import write_demo_chat
     from tasks.data.demo_corpus import write_demo_corpus
+    from tasks.eval.demo_suites import write_demo_suites
 
     target = Path(args.dir)
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target) as scratch:
-        fresh = write_demo_corpus(Path(scratch))
+        root = Path(scratch)
+        fresh = {
+            **write_demo_corpus(root),
+            **{f"chat/{k}": v for k, v in write_demo_chat(root / "chat").items()},
+            **{f"eval/{k}": v for k, v in write_demo_suites(root / "eval").items()},
+        }
         for name, path in fresh.items():
-            final = target / path.relative_to(scratch)
+            final = target / path.relative_to(root)
             final.parent.mkdir(parents=True, exist_ok=True)
             changed = not final.exists() or not filecmp.cmp(path, final, shallow=False)
             if changed:
                 shutil.move(path, final)
-            print(f"  {name:<8} {final}  ({'written' if changed else 'unchanged'})")
+            print(f"  {name:<24} {final}  ({'written' if changed else 'unchanged'})")
     return 0
 
 

@@ -1,0 +1,239 @@
+"""``evaluate``: every model the run produced, plus baselines, through the same suites; the report card.
+
+Models: the ``model/`` folders of the configured ``pretrain``, ``sft`` and ``align`` stages
+(``models`` narrows the list) and any local Hugging Face checkpoints named under ``baselines``.
+Each model is evaluated in its own Ray task (``num_cpus``/``num_gpus`` each, so a cluster spreads
+them over GPUs); pairwise suites then have every reply scored by the reward model (the ``reward``
+stage's, or ``judge``) and rank the models by Elo.
+
+Upstream: ``evaluate`` needs ``pretrain`` and takes ``sft``, ``reward`` and ``align`` as optional
+upstreams when the config has them; the engine then hands their manifests over like any other
+(retraining ``sft`` re-runs ``evaluate``).
+
+Outputs: ``scores.json`` (model -> metric -> value), ``samples/<model>/<suite>.jsonl`` (every
+item's reply, extraction, verdict), ``pairwise/<suite>.jsonl`` (the games), ``report_card.md``
+and ``training_curves.png`` (loss / reward / KL of the upstream stages, from their MLflow runs).
+Metrics ``eval.<model>.<suite>.<metric>`` go to the manifest and MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.errors import ConfigError
+from tasks.eval.lm import LanguageModel, ModelSpec, RewardJudge
+from tasks.eval.pairwise import PairwiseSuite
+from tasks.eval.report import fetch_histories, mlflow_name, previous_models, report_card, training_curves
+from tasks.eval.sandbox import SandboxLimits
+from tasks.eval.suite import EvalSettings, SuiteOutput
+from tasks.eval.suites import SuiteConfig
+from tasks.stage import Manifest, Stage, StageContext, StageResult
+from tasks.train.post_stage import materialize, model_uri
+
+MODEL_STAGES = ("pretrain", "sft", "align")  # stages whose model/ is a causal LM to evaluate
+UPSTREAM = ("pretrain",)  # declared: always configured with this stage (the config checks the chain)
+OPTIONAL_UPSTREAM = ("sft", "reward", "align")
+CURVE_STAGES = ("pretrain", "sft", "reward", "align")
+
+
+class BaselineModel(BaseModel):
+    """A checkpoint on local disk evaluated beside the pipeline's models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="its column in the report card")
+    path: str = Field(..., description="local Hugging Face causal-LM folder (config.json, weights, tokenizer)")
+    chat: bool = Field(False, description="prompt it through its tokenizer's chat template")
+
+
+class EvaluateConfig(BaseModel):
+    """Which models, which suites, and how to run them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    suites: list[SuiteConfig] = Field(..., min_length=1, description="test sets, each with a `kind` (see tasks/eval/README.md)")
+    models: list[Literal["pretrain", "sft", "align"]] | None = Field(
+        None, description="pipeline models to evaluate; default: every one this config trains"
+    )
+    baselines: list[BaselineModel] = Field(default_factory=list)
+    judge: str | None = Field(None, description="reward-model folder for pairwise suites; default: the reward stage's model")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    max_length: int | None = Field(None, ge=8, description="context window used; default: the model's")
+    seed: int = 0
+    sandbox: SandboxLimits = SandboxLimits()
+    num_cpus: float = Field(1.0, gt=0, description="Ray CPUs per model task")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per model task")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvaluateConfig:
+        for what, names in (("suite", [s.name for s in self.suites]), ("baseline", [b.name for b in self.baselines])):
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"{what} names must be unique; repeated: {', '.join(repeated)}")
+        clash = sorted({b.name for b in self.baselines} & set(MODEL_STAGES))
+        if clash:
+            raise ValueError(f"baseline names must differ from stage names: {', '.join(clash)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------- planning
+
+
+def _model_stages(cfg: EvaluateConfig, available: Any) -> list[str]:
+    """The pipeline models to evaluate among the ``available`` stages, in chain order."""
+    return [s for s in MODEL_STAGES if s in available and (cfg.models is None or s in cfg.models)]
+
+
+def _folder_digest(path: str, field: str) -> str:
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ConfigError("config", [(field, f"'{path}' is not a Hugging Face model folder (no config.json)")])
+    digest = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        stat = f.stat()
+        digest.update(f"{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def inputs_digest(cfg: EvaluateConfig, pipeline: Any) -> str:
+    """Suite files (validated here, before anything runs) and baseline folders."""
+    parts: dict[str, Any] = {}
+    for suite in cfg.suites:
+        suite.read_rows()
+        parts[f"suite:{suite.name}"] = suite.digest()
+    for i, baseline in enumerate(cfg.baselines):
+        parts[f"baseline:{baseline.name}"] = _folder_digest(baseline.path, f"evaluate.baselines[{i}].path")
+    if cfg.judge:
+        parts["judge"] = _folder_digest(cfg.judge, "evaluate.judge")
+    optional = [s for s in OPTIONAL_UPSTREAM if pipeline.section(s) is not None]
+    configured = [s for s in MODEL_STAGES if s in UPSTREAM or pipeline.section(s) is not None]
+    missing = sorted(set(cfg.models or ()) - set(configured))
+    if missing:
+        raise ConfigError("config", [("evaluate.models", f"stage(s) {', '.join(missing)} not configured")])
+    models = len(_model_stages(cfg, configured)) + len(cfg.baselines)
+    if any(isinstance(s, PairwiseSuite) for s in cfg.suites):
+        if cfg.judge is None and "reward" not in optional:
+            raise ConfigError("config", [("evaluate.suites", "pairwise suites need a reward model: configure the reward stage or set evaluate.judge")])
+        if models < 2:
+            raise ConfigError("config", [("evaluate.suites", f"pairwise suites need two models or more, this config has {models}")])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------- ray tasks
+
+
+def evaluate_model(spec: ModelSpec, suites: list[Any], rows: dict[str, list[Any]], cfg: EvaluateConfig) -> dict[str, SuiteOutput]:
+    """Every suite on one model (runs as a Ray task)."""
+    local = ModelSpec(spec.name, materialize(spec.path), spec.chat, spec.stage)
+    lm = LanguageModel(local, cfg.device, cfg.batch_size, cfg.max_length)
+    settings = EvalSettings(seed=cfg.seed, sandbox=cfg.sandbox)
+    return {suite.name: suite.evaluate(lm, rows[suite.name], settings) for suite in suites}
+
+
+def judge_pairwise(path: str, suite: PairwiseSuite, replies: dict[str, list[dict]], cfg: EvaluateConfig):
+    """Reward-model verdicts and Elo for one pairwise suite (runs as a Ray task)."""
+    judge = RewardJudge(materialize(path), cfg.device, cfg.batch_size)
+    metrics, games = suite.judge(judge, replies, EvalSettings(seed=cfg.seed, sandbox=cfg.sandbox))
+    return metrics, games, replies
+
+
+def _remote(cfg: EvaluateConfig, fn, *args):
+    import ray
+
+    return ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(fn).remote(*args)
+
+
+# ---------------------------------------------------------------------------------- stage
+
+
+def model_specs(cfg: EvaluateConfig, manifests: dict[str, Manifest]) -> list[ModelSpec]:
+    """Pipeline models (``sft`` and ``align`` are chat models) then baselines: the card's columns."""
+    specs = [ModelSpec(stage, model_uri(manifests[stage]), chat=stage != "pretrain", stage=stage) for stage in _model_stages(cfg, manifests)]
+    specs += [ModelSpec(b.name, str(Path(b.path).expanduser()), chat=b.chat) for b in cfg.baselines]
+    return specs
+
+
+def _jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records).encode()
+
+
+def run(ctx: StageContext) -> StageResult:
+    import ray
+
+    cfg: EvaluateConfig = ctx.config
+    manifests = dict(ctx.upstream)
+    specs = model_specs(cfg, manifests)
+    rows = {suite.name: suite.read_rows() for suite in cfg.suites}
+    pending = {spec.name: _remote(cfg, evaluate_model, spec, cfg.suites, rows, cfg) for spec in specs}
+    outputs: dict[str, dict[str, SuiteOutput]] = dict(zip(pending, ray.get(list(pending.values()))))
+
+    scores: dict[str, dict[str, float]] = {
+        spec.name: {f"{suite}/{metric}": value for suite, out in outputs[spec.name].items() for metric, value in out.metrics.items()}
+        for spec in specs
+    }
+    notes = _judge(ctx, manifests, outputs, scores)
+    for name, suites in outputs.items():
+        for suite_name, out in suites.items():
+            ctx.out.write_bytes_atomic(f"samples/{name}/{suite_name}.jsonl", _jsonl(out.samples))
+    ctx.out.write_bytes_atomic("scores.json", json.dumps(scores, indent=2, sort_keys=True).encode())
+
+    isolation = sorted({layer for suites in outputs.values() for out in suites.values() for s in out.samples for layer in s.get("isolation", [])})
+    if isolation:
+        notes.append(f"Code ran in the sandbox with: {', '.join(isolation)}.")
+    card = report_card(scores, previous_models(specs))
+    runs = {stage: manifests[stage].mlflow_run_id for stage in CURVE_STAGES if stage in manifests and manifests[stage].mlflow_run_id}
+    card += _publish_curves(ctx, runs, notes)
+    report = "## Report card\n\n" + card + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
+    ctx.out.write_bytes_atomic("report_card.md", report.encode())
+    ctx.log.log_text(report, "report_card.md")
+    ctx.log.log_dict(scores, "scores.json")
+
+    metrics = {mlflow_name(f"eval.{model}.{metric.replace('/', '.')}"): value for model, values in scores.items() for metric, value in values.items()}
+    samples = sum(len(out.samples) for suites in outputs.values() for out in suites.values())
+    return StageResult(rows=samples, counts={"models": len(specs), "suites": len(cfg.suites), "samples": samples}, metrics=metrics, report=report)
+
+
+def _judge(ctx: StageContext, manifests: dict[str, Manifest], outputs: dict[str, dict[str, SuiteOutput]], scores: dict[str, dict[str, float]]) -> list[str]:
+    """Score every pairwise suite's replies with the reward model; add Elo etc. to ``scores``."""
+    import ray
+
+    cfg: EvaluateConfig = ctx.config
+    judge_path = cfg.judge or (model_uri(manifests["reward"]) if "reward" in manifests else None)
+    notes = []
+    for suite in (s for s in cfg.suites if isinstance(s, PairwiseSuite)):
+        replies = {name: outputs[name][suite.name].samples for name in outputs}
+        metrics, games, judged = ray.get(_remote(cfg, judge_pairwise, judge_path, suite, replies, cfg))
+        for name, values in metrics.items():
+            scores[name].update({f"{suite.name}/{metric}": value for metric, value in values.items()})
+            outputs[name][suite.name].samples = judged[name]
+        ctx.out.write_bytes_atomic(f"pairwise/{suite.name}.jsonl", _jsonl([asdict(g) for g in games]))
+        notes.append(f"`{suite.name}`: {len(games)} games judged by `{judge_path}`.")
+    return notes
+
+
+def _publish_curves(ctx: StageContext, runs: dict[str, str], notes: list[str]) -> str:
+    """Plot the upstream stages' training curves; store and log the image. Returns markdown for the card."""
+    histories = fetch_histories(ctx.log.uri, runs)
+    if not any(histories.values()):
+        notes.append("No training curves: the upstream stages' MLflow runs have no loss, reward or KL history.")
+        return ""
+    local = Path(tempfile.mkdtemp(prefix="crucible-eval-"))
+    image = local / "training_curves.png"
+    training_curves(histories, image)
+    ctx.out.write_bytes_atomic("training_curves.png", image.read_bytes())
+    ctx.log.log_artifact(image)
+    if ctx.log.flush():  # a buffered upload still needs the file
+        shutil.rmtree(local, ignore_errors=True)
+    return "\n![training curves](training_curves.png)\n"
+
+
+STAGE = Stage(name="evaluate", upstream=UPSTREAM, version="1", run=run, inputs=inputs_digest, optional_upstream=OPTIONAL_UPSTREAM)
