@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
@@ -27,19 +29,38 @@ def tiny(tmp_home):
 
 
 
-def test_pipeline_flow_runs_then_skips(tiny, ray_session):
+def test_pipeline_flow_runs_the_whole_chain_then_skips(tiny, ray_session):
+    """The tiny pipeline end to end through Prefect: what each stage made, then a cached rerun."""
     first = pipeline(config=tiny)
-    assert [o.state for o in first] == ["ran"] * len(tiny.configured_stages())
+    assert [(o.stage, o.state) for o in first] == [(s, "ran") for s in tiny.configured_stages()]
+    out = {o.stage: o.manifest for o in first}
+    assert out["ingest"].rows == 52
+    assert 0 < out["filter"].rows < out["ingest"].rows
+    assert out["dedup"].rows < out["filter"].rows  # the templated travel notes are near-duplicates
+    assert out["tokenize"].tokens > 0
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = f"{out['pretrain'].path}/model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt")
+    ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > ids.shape[1]
+    scores = json.loads(open(f"{out['evaluate'].path}/scores.json").read())
+    assert "pretrain" in scores
+
     second = pipeline(config=tiny, force=["ingest"], until_stage="ingest")
     assert [(o.stage, o.state) for o in second] == [("ingest", "ran")]
     third = pipeline(config=tiny)
     assert {o.state for o in third} == {"cached"}
-    assert third[0].manifest.rows == 52
+    assert [o.manifest for o in third][1:] == [o.manifest for o in first][1:]
 
     with get_client(sync_client=True) as client:
         latest = {a.key: a for a in client.read_artifacts()}
     assert latest["tiny-pipeline"].type == "table"
-    assert "ingest" in str(latest["tiny-pipeline"].data)
+    assert "evaluate" in str(latest["tiny-pipeline"].data)
     assert latest["tiny-ingest"].type == "markdown"
     assert "Ingested **52** documents" in latest["tiny-ingest"].data
 
