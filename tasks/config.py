@@ -13,11 +13,20 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.data.dedup import DedupConfig
 from tasks.data.filter import FilterConfig
 from tasks.data.ingest import IngestConfig
+from tasks.data.pii import PiiConfig
+from tasks.data.tokenize import TokenizeConfig
+from tasks.data.tokenizer import TokenizerConfig
 from tasks.errors import ConfigError
+from tasks.eval.evaluate import EvaluateConfig
 from tasks.paths import state_dir
 from tasks.registry import STAGE_ORDER, STAGES
+from tasks.train.align import AlignConfig
+from tasks.train.pretrain import PretrainConfig
+from tasks.train.reward import RewardConfig
+from tasks.train.sft import SFTConfig
 
 
 class Strict(BaseModel):
@@ -50,6 +59,15 @@ class PipelineConfig(Strict):
     ray: RayConfig = RayConfig()
     ingest: IngestConfig | None = None
     filter: FilterConfig | None = None
+    dedup: DedupConfig | None = None
+    pii: PiiConfig | None = None
+    tokenizer: TokenizerConfig | None = None
+    tokenize: TokenizeConfig | None = None
+    pretrain: PretrainConfig | None = None
+    sft: SFTConfig | None = None
+    reward: RewardConfig | None = None
+    align: AlignConfig | None = None
+    evaluate: EvaluateConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

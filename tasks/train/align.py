@@ -1,0 +1,209 @@
+"""``align``: preference tuning of the SFT model, ``method: dpo | grpo | ppo``.
+
+- ``dpo`` (``tasks/train/dpo.py``): preference pairs, a frozen SFT reference; no sampling.
+- ``grpo`` (``tasks/train/grpo.py``): prompts; groups of sampled replies per prompt scored by the
+  reward model or a verifier (``reward: arithmetic`` checks the reply's answer), group-normalised
+  advantages, a k3 KL term to the SFT reference.
+- ``ppo`` (``tasks/train/ppo.py``): prompts; sampled replies scored by the reward model (or a
+  verifier), a per-token KL penalty against the reference in the reward (fixed or adaptive
+  coefficient), a value head, GAE, clipped policy and value losses, several epochs per rollout.
+
+Each runs on the shared training loop (Ray Train, DDP or DeepSpeed, checkpoints and resume); the
+reference and reward models are loaded, frozen, by every worker next to the policy. Before and
+after training the stage measures the held-out split with the SFT model and the aligned one:
+implicit-reward preference accuracy and margins for DPO; greedy-reply reward (and exact match
+for verifiers) for GRPO and PPO. Output: ``model/`` (the policy as a plain causal LM, with the
+tokenizer), registered in MLflow under the alias ``aligned``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import AutoConfig
+
+from models.heads import PolicyWithValueHead
+from models.tokenizer import load_tokenizer
+from tasks.errors import StageError
+from tasks.stage import Stage, StageContext, StageResult
+from tasks.train.dpo import DPO, preference_metrics
+from tasks.train.grpo import GRPO
+from tasks.train.loop import TrainJob, run_training
+from tasks.train.post_data import PairExamples, PromptExamples, encode_pair, encode_prompt_row
+from tasks.train.post_stage import (
+    MODEL_DIR,
+    PostTrainConfig,
+    inputs_digest,
+    load_causal_lm,
+    materialize,
+    model_uri,
+    on_worker,
+    prepare_data,
+    publish_model,
+    write_tokenizer,
+)
+from tasks.train.ppo import PPO
+from tasks.train.rewards import VERIFIERS
+from tasks.train.rollout import Sampling, Scorer, generation_metrics
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DPOSettings(_Section):
+    beta: float = Field(0.1, gt=0, description="strength of the KL constraint: larger stays closer to the reference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed share of flipped preference labels (cDPO)")
+
+
+class SamplingSettings(_Section):
+    """How GRPO and PPO sample replies during training."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 samples from the whole vocabulary")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class GRPOSettings(_Section):
+    group_size: int = Field(4, ge=2, description="replies sampled per prompt")
+    beta: float = Field(0.04, ge=0, description="weight of the KL(π ‖ π_ref) term in the loss")
+    clip: float = Field(0.2, gt=0, description="ratio clip range ε")
+    scale_rewards: bool = Field(True, description="divide advantages by the group's reward std (Dr. GRPO sets False)")
+
+
+class PPOSettings(_Section):
+    kl_coef: float = Field(0.05, ge=0, description="initial coefficient of the per-token KL penalty in the reward")
+    kl_target: float | None = Field(None, gt=0, description="adapt the coefficient towards this KL per reply (None: fixed)")
+    kl_horizon: int = Field(10_000, ge=1, description="replies over which the adaptive coefficient moves by its step")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
+    clip: float = Field(0.2, gt=0, description="policy ratio clip range ε")
+    value_clip: float = Field(0.2, gt=0, description="value clip range around the rollout's values")
+    value_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    epochs: int = Field(4, ge=1, description="optimisation epochs over each rollout batch")
+    whiten_advantages: bool = Field(True, description="normalise advantages over the rollout batch")
+
+
+METHOD_SECTIONS = ("dpo", "grpo", "ppo")
+
+
+class AlignConfig(PostTrainConfig):
+    """Preference tuning of the SFT model. ``data`` holds preference pairs for ``dpo`` and prompts
+    (``prompt``[, ``answer``]) for ``grpo`` and ``ppo``; ``batch_size`` counts pairs or prompts."""
+
+    method: Literal["dpo", "grpo", "ppo"] = Field("dpo", description="dpo: preference pairs; grpo, ppo: sampling and rewards")
+    alias: str = Field("aligned", description="MLflow alias moved to the new model version")
+    max_prompt_length: int = Field(256, ge=1, description="grpo/ppo: longest prompt in tokens; longer ones go to quarantine")
+    reward: str = Field("model", description="grpo/ppo: `model` (the reward stage's model) or a verifier: arithmetic")
+    stop_penalty: float = Field(0.0, ge=0, description="grpo/ppo: subtracted from the reward of replies that never stop")
+    eval_tokens: int = Field(64, ge=1, description="grpo/ppo: reply length of the greedy held-out evaluation")
+    sampling: SamplingSettings = SamplingSettings()
+    dpo: DPOSettings = DPOSettings()
+    grpo: GRPOSettings = GRPOSettings()
+    ppo: PPOSettings = PPOSettings()
+
+    @model_validator(mode="after")
+    def _settings_match_the_method(self) -> AlignConfig:
+        others = [s for s in METHOD_SECTIONS if s != self.method and s in self.model_fields_set]
+        if others:
+            raise ValueError(f"settings for {', '.join(others)} given, but method is {self.method}")
+        sampling_only = sorted({"reward", "sampling", "stop_penalty", "max_prompt_length", "eval_tokens"} & self.model_fields_set)
+        if self.method == "dpo" and sampling_only:
+            raise ValueError(f"{', '.join(sampling_only)} apply to grpo and ppo, not dpo")
+        if self.reward != "model" and self.reward not in VERIFIERS:
+            raise ValueError(f"unknown reward '{self.reward}' (model, {', '.join(VERIFIERS)})")
+        return self
+
+
+def _policy_with_value_head(path: str) -> PolicyWithValueHead:
+    return PolicyWithValueHead(load_causal_lm(path))
+
+
+def _check_reward_model(policy: str, reward_model: str) -> None:
+    vocab = {p: AutoConfig.from_pretrained(materialize(p), local_files_only=True).vocab_size for p in (policy, reward_model)}
+    if vocab[policy] != vocab[reward_model]:
+        raise StageError(f"align: the reward model's vocabulary ({vocab[reward_model]}) differs from the policy's ({vocab[policy]})")
+
+
+def _objective(cfg: AlignConfig, sft: str, scorer: Scorer | None) -> Any:
+    if cfg.method == "dpo":
+        return DPO(sft, cfg.dpo.beta, cfg.dpo.label_smoothing)
+    s = cfg.sampling
+    sampling = Sampling(s.max_new_tokens, s.temperature, s.top_k, s.top_p)
+    if cfg.method == "grpo":
+        g = cfg.grpo
+        return GRPO(scorer, sampling, sft, group_size=g.group_size, beta=g.beta, clip=g.clip,
+                    scale_rewards=g.scale_rewards, stop_penalty=cfg.stop_penalty)
+    return PPO(scorer, sampling, sft, cfg.ppo, cfg.grad_accum, stop_penalty=cfg.stop_penalty)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: AlignConfig = ctx.config
+    sft, reward_model = model_uri(ctx.upstream["sft"]), model_uri(ctx.upstream["reward"])
+    tokenizer, _ = load_tokenizer(materialize(sft))
+    fs, pad = ctx.out.fs, tokenizer.pad_token_id
+    scorer = None
+    if cfg.method == "dpo":
+        data = prepare_data(ctx, "preference", lambda pair: encode_pair(tokenizer, pair, cfg.max_length))
+        train = PairExamples(fs, data.train_path, pad)
+        val = PairExamples(fs, data.validation_path, pad) if data.validation_path else None
+    else:
+        if cfg.reward == "model":
+            _check_reward_model(sft, reward_model)
+        scorer = Scorer(tokenizer, cfg.reward, reward_model if cfg.reward == "model" else None)
+        data = prepare_data(ctx, "prompt", lambda row: encode_prompt_row(tokenizer, row, cfg.max_prompt_length))
+        train = PromptExamples(fs, data.train_path, pad)
+        val = PromptExamples(fs, data.validation_path, pad) if data.validation_path else None
+
+    def measure(policy: str) -> dict[str, float]:
+        if cfg.method == "dpo":
+            return on_worker(cfg, preference_metrics, policy, sft, val, cfg.dpo.beta, cfg.batch_size)
+        return on_worker(cfg, generation_metrics, policy, scorer, val, cfg.eval_tokens, cfg.batch_size)
+
+    metrics: dict[str, float] = {}
+    if val is not None:
+        metrics.update({f"{k}_sft": v for k, v in measure(sft).items()})
+    job = TrainJob(
+        config=cfg,
+        build_model=functools.partial(_policy_with_value_head if cfg.method == "ppo" else load_causal_lm, sft),
+        objective=_objective(cfg, sft, scorer),
+        train_data=train,
+        val_data=val,
+        logger=ctx.log,
+        export_path=ctx.out.path(MODEL_DIR),
+        export_fs=fs,
+    )
+    outcome = run_training(job, ctx.out.path("checkpoints"), fs, name=ctx.name)
+    write_tokenizer(tokenizer, fs, ctx.out.path(MODEL_DIR))
+    metrics.update({k: v for k, v in outcome.metrics.items() if k.startswith(("train/", "val/"))})
+    if val is not None:
+        metrics.update(measure(ctx.out.uri.rstrip("/") + f"/{MODEL_DIR}"))
+        ctx.log.log_metrics({k: v for k, v in metrics.items() if k.startswith("heldout/")})
+    registered, version = publish_model(ctx, cfg)
+    return StageResult(
+        rows=data.counts["train_examples"], counts=data.counts, metrics=metrics,
+        report=_report(cfg, data.counts, metrics, registered, version),
+    )
+
+
+def _report(cfg: AlignConfig, counts: dict[str, int], metrics: dict[str, float], registered: str, version: str | None) -> str:
+    what = "pairs" if cfg.method == "dpo" else "prompts"
+    lines = [f"**{cfg.method.upper()}** on {counts['train_examples']} {what} for {cfg.steps} steps; "
+             f"**{counts['quarantined']}** quarantined (see `quarantine/`)."]
+    held = sorted(k.removesuffix("_sft") for k in metrics if k.startswith("heldout/") and k.endswith("_sft"))
+    if held:
+        rows = "\n".join(f"| {k.removeprefix('heldout/')} | {metrics[k + '_sft']:.4g} | {metrics.get(k, float('nan')):.4g} |" for k in held)
+        lines.append(f"\nHeld-out split ({counts['validation_examples']} {what}):\n\n| metric | SFT | aligned |\n|---|---|---|\n{rows}")
+    if version:
+        lines.append(f"\nRegistered as MLflow model **{registered}** version {version} (alias `{cfg.alias}`).")
+    return "\n".join(lines) + "\n"
+
+
+def align_inputs(cfg: AlignConfig, _pipeline: Any) -> str:
+    return inputs_digest(cfg, "align")
+
+
+STAGE = Stage(name="align", upstream=("sft", "reward"), version="1", run=run, inputs=align_inputs)

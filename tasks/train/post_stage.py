@@ -1,0 +1,235 @@
+"""What the post-training stages (``sft``, ``reward``, ``align``) share around the training loop.
+
+- ``PostTrainConfig``: the loop's ``TrainConfig`` plus data sources, the held-out split, the
+  token budget and the MLflow model registration.
+- Data preparation: read and validate the sources (``tasks/data/chat_data.py``), split off the
+  held-out set, tokenise on the driver, write ``data/{train,validation}.parquet`` and
+  ``quarantine/`` into the stage folder. Deterministic, so a rerun after a crash writes the same
+  files and the loop resumes on the same examples.
+- Model folders: every post-training stage writes a Hugging Face folder ``model/`` (weights,
+  config, tokenizer with chat template); ``materialize`` gives workers a local copy when the
+  store is an object store.
+- ``on_worker``: a one-off function (held-out evaluation) on the resources of one training
+  worker, so a GPU cluster evaluates on a GPU.
+- ``publish_model``: an MLflow model version pointing at ``model/``, with the stage's alias
+  (``tasks/train/publish.py``; fail-soft).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import pyarrow.fs as pafs
+import torch
+from pydantic import Field
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from models.tokenizer import save_tokenizer
+from tasks.data.chat_data import ChatSource, Example, is_held_out, load_examples, write_quarantine
+from tasks.data.ingest import list_source_files
+from tasks.errors import ConfigError, StageError
+from tasks.stage import Manifest, StageContext
+from tasks.train.post_data import TooLong, write_examples
+from tasks.train.publish import register_model
+from tasks.train.settings import TrainConfig
+
+MODEL_DIR = "model"
+TRAIN_FILE = "data/train.parquet"
+VALIDATION_FILE = "data/validation.parquet"
+QUARANTINE_FILE = "quarantine/quarantine.parquet"
+R = TypeVar("R")
+
+
+class PostTrainConfig(TrainConfig):
+    """Training settings plus the data a post-training stage learns from."""
+
+    data: list[ChatSource] = Field(..., min_length=1, description="training sources")
+    validation: list[ChatSource] = Field(
+        default_factory=list, description="held-out sources; when empty, `val_fraction` of `data` is held out"
+    )
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of `data` held out (by id hash) when `validation` is empty")
+    max_length: int = Field(1024, ge=8, description="longest example in tokens; longer ones go to quarantine")
+    registered_model: str | None = Field(None, description="MLflow registered model name; default: the pipeline name")
+    alias: str = Field(..., description="MLflow alias moved to the new model version")
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def inputs_digest(cfg: PostTrainConfig, stage: str, init_from: str | None = None) -> str:
+    """The output depends on the data files (and on ``init_from``, a model folder outside the
+    store): hash their names, sizes and mtimes. Sources that match nothing are config errors."""
+    digest = hashlib.sha256()
+    problems = []
+    for field, sources in (("data", cfg.data), ("validation", cfg.validation)):
+        for i, source in enumerate(sources):
+            try:
+                _base, files = list_source_files(source)  # type: ignore[arg-type]
+            except (OSError, ValueError) as exc:
+                problems.append((f"{stage}.{field}[{i}].path", f"cannot read '{source.path}': {exc}"))
+                continue
+            if not files:
+                problems.append((f"{stage}.{field}[{i}].path", f"no files match '{source.path}'"))
+            for info in files:
+                digest.update(f"{field}{i}\0{info.path}\0{info.size}\0{info.mtime_ns}\n".encode())
+    if init_from is not None:
+        folder = Path(init_from).expanduser()
+        if not (folder / "config.json").is_file():
+            problems.append((f"{stage}.init_from", f"'{init_from}' is not a Hugging Face model folder (no config.json)"))
+        else:
+            for f in sorted(p for p in folder.iterdir() if p.is_file()):
+                stat = f.stat()
+                digest.update(f"{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    if problems:
+        raise ConfigError("config", problems)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+@dataclass
+class PreparedData:
+    train_path: str
+    validation_path: str | None
+    validation: list[Any]  # the held-out examples' parsed values, in file order (for samples)
+    counts: dict[str, int]
+
+
+def prepare_data(
+    ctx: StageContext,
+    kind: Literal["chat", "preference", "prompt"],
+    encode: Callable[[Any], dict[str, Any]],
+    finish_train: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = lambda rows: rows,
+) -> PreparedData:
+    """Load, split, encode and store the stage's examples; quarantine what cannot be used.
+
+    ``encode(parsed value) -> row`` may raise ``TooLong``; ``finish_train`` post-processes the
+    encoded training rows (SFT packing).
+    """
+    cfg: PostTrainConfig = ctx.config
+    train = load_examples(cfg.data, kind, f"{ctx.name}.data")
+    quarantine = list(train.quarantine)
+    if cfg.validation:
+        held = load_examples(cfg.validation, kind, f"{ctx.name}.validation")
+        quarantine += held.quarantine
+        train_rows, val_rows = train.rows, held.rows
+    else:
+        val_rows = [e for e in train.rows if is_held_out(e.id, cfg.val_fraction)]
+        train_rows = [e for e in train.rows if not is_held_out(e.id, cfg.val_fraction)]
+
+    def encoded(examples: list[Example]) -> tuple[list[dict[str, Any]], list[Any]]:
+        out, kept = [], []
+        for example in examples:
+            try:
+                out.append({"id": example.id, **encode(example.value)})
+            except TooLong as exc:
+                quarantine.append(example.quarantine_row(str(exc)))
+                continue
+            kept.append(example.value)
+        return out, kept
+
+    (train_encoded, _), (val_encoded, val_values) = encoded(train_rows), encoded(val_rows)
+    if not train_encoded:
+        raise StageError(f"{ctx.name}: no usable training examples ({len(quarantine)} quarantined, see quarantine/)")
+    train_rows = finish_train(train_encoded)
+    write_examples(train_rows, ctx.out.fs, ctx.out.path(TRAIN_FILE))
+    if val_encoded:
+        write_examples(val_encoded, ctx.out.fs, ctx.out.path(VALIDATION_FILE))
+    write_quarantine(ctx.out.fs, ctx.out.path(QUARANTINE_FILE), quarantine)
+    counts = {
+        "train_examples": len(train_encoded), "train_rows": len(train_rows),
+        "validation_examples": len(val_encoded), "quarantined": len(quarantine),
+    }
+    return PreparedData(ctx.out.path(TRAIN_FILE), ctx.out.path(VALIDATION_FILE) if val_encoded else None, val_values, counts)
+
+
+# ---------------------------------------------------------------------------------- model folders
+
+
+def model_uri(manifest: Manifest) -> str:
+    """The Hugging Face folder a completed training stage wrote."""
+    if f"{MODEL_DIR}/config.json" not in manifest.files:
+        raise StageError(f"stage '{manifest.stage}' output at {manifest.path} has no {MODEL_DIR}/config.json")
+    return f"{manifest.path.rstrip('/')}/{MODEL_DIR}"
+
+
+@functools.cache
+def materialize(uri: str) -> str:
+    """A local folder with the files of ``uri`` (the folder itself when it is local; cached per process)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    fs, root = pafs.FileSystem.from_uri(uri)
+    local = tempfile.mkdtemp(prefix="crucible-model-")
+    pafs.copy_files(root, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def load_causal_lm(path: str, vocab_size: int | None = None) -> PreTrainedModel:
+    """The causal LM at ``path`` (local or store URI) in fp32 (the strategy casts), its embeddings
+    grown to ``vocab_size`` when the tokenizer gained tokens."""
+    model = AutoModelForCausalLM.from_pretrained(materialize(path), dtype=torch.float32, local_files_only=True)
+    if vocab_size is not None and vocab_size != model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def frozen(model: nn.Module, device: torch.device) -> nn.Module:
+    """A model for inference only (reference, reward model): eval mode, no gradients, on ``device``."""
+    return model.to(device).eval().requires_grad_(False)
+
+
+def eval_device() -> torch.device:
+    """Where a held-out evaluation runs: the task's GPU if Ray gave it one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def write_tokenizer(tokenizer: Any, out_fs: pafs.FileSystem, model_path: str) -> None:
+    """Put the tokenizer (with its chat template) beside the exported weights."""
+    with tempfile.TemporaryDirectory(prefix="crucible-tok-") as tmp:
+        save_tokenizer(tokenizer, tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as src, out_fs.open_output_stream(f"{model_path}/{name}") as dst:
+                dst.write(src.read())
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+def on_worker(cfg: TrainConfig, fn: Callable[..., R], *args: Any) -> R:
+    """Run ``fn(*args)`` as a Ray task with one training worker's resources (its GPU, if any)."""
+    import ray
+
+    resources = dict(cfg.resources_per_worker or {})
+    options = {
+        "num_cpus": resources.pop("CPU", 1),
+        "num_gpus": resources.pop("GPU", 1 if cfg.use_gpu else 0),
+        "resources": resources or None,
+    }
+    return ray.get(ray.remote(**options)(fn).remote(*args))
+
+
+def publish_model(ctx: StageContext, cfg: PostTrainConfig, default_name: str | None = None) -> tuple[str, str | None]:
+    """Register the stage's ``model/`` folder in MLflow under ``cfg.alias`` (fail-soft).
+
+    Returns (registered model name, version or None when tracking is off or unreachable).
+    """
+    name = cfg.registered_model or default_name or ctx.pipeline.name
+    if ctx.run_id is None:
+        return name, None
+    path = ctx.out.path(MODEL_DIR)
+    source = Path(path).as_uri() if ctx.out.is_local else f"{ctx.out.uri}/{MODEL_DIR}"
+    tags = {"crucible.stage": ctx.name, "crucible.fingerprint": ctx.out.root.rsplit("/", 1)[-1]}
+    return name, register_model(ctx.log.uri, ctx.run_id, name, source, cfg.alias, tags)

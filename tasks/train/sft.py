@@ -1,0 +1,184 @@
+"""``sft``: supervised fine-tuning on conversations, loss on the assistant's tokens only.
+
+Starts from the ``pretrain`` stage's model, or from any Hugging Face causal-LM folder on local
+disk (``init_from``). Conversations are rendered with the tokenizer's chat template; the loss
+covers every assistant turn (its text and closing ``<|end|>``), never the system prompt, the
+user turns or the role headers. With ``packing``, conversations share rows without attending to
+each other (position ids restart per conversation; see ``tasks/train/post_data.py``).
+
+Runs on the shared training loop (Ray Train; DDP or DeepSpeed; checkpoints and resume), logs to
+MLflow from rank 0, and writes ``model/``: weights, config and the tokenizer with its chat
+template, which ``transformers``, vLLM and the next stages load as they are. The held-out
+assistant-token loss is measured before and after training, and a few held-out replies are kept
+in ``samples.jsonl``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from models.tokenizer import load_tokenizer
+from tasks.stage import Stage, StageContext, StageResult
+from tasks.train.loop import TrainJob, run_training
+from tasks.train.objectives import Objective, ObjectiveOutput
+from tasks.train.post_data import IGNORE, ChatExamples, encode_conversation, encode_prompt, pack
+from tasks.train.post_stage import (
+    MODEL_DIR,
+    PostTrainConfig,
+    eval_device,
+    inputs_digest,
+    load_causal_lm,
+    materialize,
+    model_uri,
+    on_device,
+    on_worker,
+    prepare_data,
+    publish_model,
+    write_tokenizer,
+)
+from tasks.train.rollout import Sampling, generate, reply_texts, stop_token_ids
+
+SAMPLES = 8
+
+
+class SFTConfig(PostTrainConfig):
+    """Supervised fine-tuning: chat data (``messages``) and where to start from."""
+
+    alias: str = Field("sft", description="MLflow alias moved to the new model version")
+    init_from: str | None = Field(
+        None, description="local Hugging Face causal-LM folder to start from instead of the pretrain stage's model"
+    )
+    chat_template: Literal["keep", "crucible"] = Field(
+        "keep", description="keep the tokenizer's chat template, or install Crucible's (adds its special tokens)"
+    )
+    packing: bool = Field(False, description="pack several conversations per row (no attention across them)")
+    sample_tokens: int = Field(64, ge=1, description="reply length of the held-out samples written after training")
+
+
+class AssistantTokens(Objective):
+    """Next-token loss where ``labels`` are not -100: the assistant's tokens.
+
+    Packed rows carry ``position_ids`` and no attention mask, so ``transformers`` masks attention
+    per conversation; ``use_cache=False`` keeps it from building a KV cache, which would turn that
+    detection off.
+    """
+
+    def compute(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        labels = batch["labels"]
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"), labels=labels, use_cache=False,
+        )
+        return ObjectiveOutput(loss=out.loss, tokens=(labels[:, 1:] != IGNORE).sum())
+
+
+def assistant_loss(model_path: str, examples: ChatExamples, batch_size: int, vocab_size: int | None = None) -> float:
+    """Token-weighted assistant-token loss of the model at ``model_path`` over every example."""
+    device = eval_device()
+    model = load_causal_lm(model_path, vocab_size).to(device).eval()
+    objective = AssistantTokens()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = on_device(examples.collate(range(start, min(start + batch_size, len(examples)))), device)
+            out = objective.compute(model, batch)
+            total += out.loss.item() * int(out.tokens)
+            tokens += int(out.tokens)
+    return total / max(tokens, 1)
+
+
+def held_out_samples(model_path: str, tokenizer: Any, conversations: list[list[dict]], max_new_tokens: int) -> list[dict]:
+    """Greedy replies to the last user turn of each conversation, next to the reference reply."""
+    device = eval_device()
+    model = load_causal_lm(model_path).to(device).eval()
+    rows = []
+    for messages in conversations:
+        prompt = messages[:-1]
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
+        rollout = generate(
+            model, ids, torch.ones_like(ids), Sampling(max_new_tokens, greedy=True),
+            stop_token_ids(tokenizer), tokenizer.pad_token_id,
+        )
+        rows.append({"prompt": prompt[-1]["content"], "reference": messages[-1]["content"], "reply": reply_texts(tokenizer, rollout)[0]})
+    return rows
+
+
+def init_path(ctx: StageContext) -> str:
+    cfg: SFTConfig = ctx.config
+    return cfg.init_from or model_uri(ctx.upstream["pretrain"])
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg: SFTConfig = ctx.config
+    start = init_path(ctx)
+    tokenizer, added = load_tokenizer(materialize(start), chat_template=cfg.chat_template)
+    vocab_size = len(tokenizer) if added else None
+    data = prepare_data(
+        ctx, "chat", lambda messages: encode_conversation(tokenizer, messages, cfg.max_length),
+        finish_train=(lambda rows: pack(rows, cfg.max_length)) if cfg.packing else (lambda rows: rows),
+    )
+    fs = ctx.out.fs
+    train = ChatExamples(fs, data.train_path, tokenizer.pad_token_id, packed=cfg.packing)
+    val = ChatExamples(fs, data.validation_path, tokenizer.pad_token_id, packed=False) if data.validation_path else None
+
+    metrics: dict[str, float] = {}
+    if val is not None:
+        metrics["heldout/loss_init"] = on_worker(cfg, assistant_loss, start, val, cfg.batch_size, vocab_size)
+    job = TrainJob(
+        config=cfg,
+        build_model=functools.partial(load_causal_lm, start, vocab_size),
+        objective=AssistantTokens(),
+        train_data=train,
+        val_data=val,
+        logger=ctx.log,
+        export_path=ctx.out.path(MODEL_DIR),
+        export_fs=fs,
+    )
+    outcome = run_training(job, ctx.out.path("checkpoints"), fs, name=ctx.name)
+    write_tokenizer(tokenizer, fs, ctx.out.path(MODEL_DIR))
+    final = ctx.out.uri.rstrip("/") + f"/{MODEL_DIR}"
+    metrics.update({k: v for k, v in outcome.metrics.items() if k.startswith(("train/", "val/"))})
+
+    samples_md = ""
+    if val is not None:
+        metrics["heldout/loss"] = on_worker(cfg, assistant_loss, final, val, cfg.batch_size)
+        metrics["heldout/perplexity"] = math.exp(min(metrics["heldout/loss"], 50.0))
+        samples = on_worker(cfg, held_out_samples, final, tokenizer, data.validation[:SAMPLES], cfg.sample_tokens)
+        lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        ctx.out.write_bytes_atomic("samples.jsonl", lines.encode())
+        ctx.log.log_text(lines, "samples.jsonl")
+        samples_md = "\n".join(f"| {_cell(s['prompt'])} | {_cell(s['reply'])} | {_cell(s['reference'])} |" for s in samples)
+    ctx.log.log_metrics({k: v for k, v in metrics.items() if k.startswith("heldout/")})
+    registered, version = publish_model(ctx, cfg)
+
+    layout = f"packed into {data.counts['train_rows']} rows" if cfg.packing else "one per row"
+    report = [f"SFT from `{start}` on **{data.counts['train_examples']}** conversations ({layout}); "
+              f"**{data.counts['quarantined']}** examples quarantined (see `quarantine/`)."]
+    if "heldout/loss" in metrics:
+        report.append(
+            f"\nHeld-out assistant-token loss: **{metrics['heldout/loss_init']:.3f}** before, "
+            f"**{metrics['heldout/loss']:.3f}** after ({data.counts['validation_examples']} conversations)."
+        )
+    if version:
+        report.append(f"\nRegistered as MLflow model **{registered}** version {version} (alias `{cfg.alias}`).")
+    if samples_md:
+        report.append("\n| prompt | reply | reference |\n|---|---|---|\n" + samples_md)
+    return StageResult(rows=data.counts["train_examples"], counts=data.counts, metrics=metrics, report="\n".join(report) + "\n")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:200]
+
+
+def sft_inputs(cfg: SFTConfig, _pipeline: Any) -> str:
+    return inputs_digest(cfg, "sft", cfg.init_from)
+
+
+STAGE = Stage(name="sft", upstream=("pretrain",), version="1", run=run, inputs=sft_inputs)
