@@ -130,6 +130,17 @@ def test_a_source_matching_nothing_is_a_config_error(tmp_path):
         load_examples([ChatSource(name="x", path=str(tmp_path / "none*.jsonl"))], "chat", "sft.data")
 
 
+def test_align_settings_must_match_the_method():
+    data = [{"name": "d", "path": "x.jsonl"}]
+    with pytest.raises(ValueError, match="settings for grpo given, but method is dpo"):
+        align.AlignConfig(method="dpo", data=data, grpo={"group_size": 8})
+    with pytest.raises(ValueError, match="reward, sampling apply to grpo and ppo, not dpo"):
+        align.AlignConfig(method="dpo", data=data, reward="arithmetic", sampling={"max_new_tokens": 8})
+    with pytest.raises(ValueError, match="unknown reward 'regex'"):
+        align.AlignConfig(method="grpo", data=data, reward="regex")
+    assert align.AlignConfig(method="ppo", data=data, ppo={"epochs": 2}).ppo.epochs == 2
+
+
 def test_arithmetic_checker_reads_the_final_answer():
     assert final_answer("3 + 4 = 7. The answer is 7.") == "7"
     assert final_answer("it is 1,200") == "1200"

@@ -11,13 +11,16 @@ lm-eval's ``acc_norm``) and ``acc_token`` (per token).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.eval.lm import LanguageModel
 from tasks.eval.scoring import choose
 from tasks.eval.suite import EvalSettings, Row, SuiteBase, SuiteOutput, mean
+
+if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
+    from tasks.eval.lm import LanguageModel
+
 
 
 class ChoiceRow(Row):

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.eval.lm import LanguageModel
 from tasks.eval.sandbox import run_program
 from tasks.eval.scoring import pass_at_k
 from tasks.eval.suite import EvalSettings, Row, SuiteBase, SuiteOutput, mean
+
+if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
+    from tasks.eval.lm import LanguageModel
+
 
 HUMANEVAL_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]
 

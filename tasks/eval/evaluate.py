@@ -24,19 +24,21 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.errors import ConfigError
-from tasks.eval.lm import LanguageModel, ModelSpec, RewardJudge
 from tasks.eval.pairwise import PairwiseSuite
 from tasks.eval.report import fetch_histories, mlflow_name, previous_models, report_card, training_curves
 from tasks.eval.sandbox import SandboxLimits
 from tasks.eval.suite import EvalSettings, SuiteOutput
 from tasks.eval.suites import SuiteConfig
 from tasks.stage import Manifest, Stage, StageContext, StageResult
-from tasks.train.post_stage import materialize, model_uri
+
+if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
+    from tasks.eval.lm import ModelSpec
+
 
 MODEL_STAGES = ("pretrain", "sft", "align")  # stages whose model/ is a causal LM to evaluate
 UPSTREAM = ("pretrain",)  # declared: always configured with this stage (the config checks the chain)
@@ -133,6 +135,9 @@ def inputs_digest(cfg: EvaluateConfig, pipeline: Any) -> str:
 
 def evaluate_model(spec: ModelSpec, suites: list[Any], rows: dict[str, list[Any]], cfg: EvaluateConfig) -> dict[str, SuiteOutput]:
     """Every suite on one model (runs as a Ray task)."""
+    from tasks.eval.lm import LanguageModel, ModelSpec  # torch: loaded by the workers, not at config load
+    from tasks.train.post_stage import materialize
+
     local = ModelSpec(spec.name, materialize(spec.path), spec.chat, spec.stage)
     lm = LanguageModel(local, cfg.device, cfg.batch_size, cfg.max_length)
     settings = EvalSettings(seed=cfg.seed, sandbox=cfg.sandbox)
@@ -141,6 +146,9 @@ def evaluate_model(spec: ModelSpec, suites: list[Any], rows: dict[str, list[Any]
 
 def judge_pairwise(path: str, suite: PairwiseSuite, replies: dict[str, list[dict]], cfg: EvaluateConfig):
     """Reward-model verdicts and Elo for one pairwise suite (runs as a Ray task)."""
+    from tasks.eval.lm import RewardJudge
+    from tasks.train.post_stage import materialize
+
     judge = RewardJudge(materialize(path), cfg.device, cfg.batch_size)
     metrics, games = suite.judge(judge, replies, EvalSettings(seed=cfg.seed, sandbox=cfg.sandbox))
     return metrics, games, replies
@@ -157,6 +165,9 @@ def _remote(cfg: EvaluateConfig, fn, *args):
 
 def model_specs(cfg: EvaluateConfig, manifests: dict[str, Manifest]) -> list[ModelSpec]:
     """Pipeline models (``sft`` and ``align`` are chat models) then baselines: the card's columns."""
+    from tasks.eval.lm import ModelSpec
+    from tasks.train.post_stage import model_uri
+
     specs = [ModelSpec(stage, model_uri(manifests[stage]), chat=stage != "pretrain", stage=stage) for stage in _model_stages(cfg, manifests)]
     specs += [ModelSpec(b.name, str(Path(b.path).expanduser()), chat=b.chat) for b in cfg.baselines]
     return specs
@@ -205,6 +216,8 @@ def run(ctx: StageContext) -> StageResult:
 def _judge(ctx: StageContext, manifests: dict[str, Manifest], outputs: dict[str, dict[str, SuiteOutput]], scores: dict[str, dict[str, float]]) -> list[str]:
     """Score every pairwise suite's replies with the reward model; add Elo etc. to ``scores``."""
     import ray
+
+    from tasks.train.post_stage import model_uri
 
     cfg: EvaluateConfig = ctx.config
     judge_path = cfg.judge or (model_uri(manifests["reward"]) if "reward" in manifests else None)

@@ -10,13 +10,16 @@ replies) and ``maj@<samples>`` (the majority answer of the samples, self-consist
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
-from tasks.eval.lm import LanguageModel
 from tasks.eval.scoring import Extraction, extract_answer, majority, same_answer
 from tasks.eval.suite import EvalSettings, Row, SuiteBase, SuiteOutput, mean
+
+if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
+    from tasks.eval.lm import LanguageModel
+
 
 
 class AnswerRow(Row):

@@ -11,13 +11,16 @@ orders, ``tasks/eval/elo.py``), ``win_rate`` and ``reward`` (mean reward-model s
 from __future__ import annotations
 
 from itertools import combinations
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from tasks.eval.elo import Game, elo_ratings, win_rates
-from tasks.eval.lm import LanguageModel, RewardJudge
 from tasks.eval.suite import EvalSettings, Row, SuiteBase, SuiteOutput, mean
+
+if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
+    from tasks.eval.lm import LanguageModel, RewardJudge
+
 
 
 class PromptRow(Row):

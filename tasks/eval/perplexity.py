@@ -11,12 +11,15 @@ and ``bpb`` over all domains.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from tasks.eval.lm import LanguageModel
 from tasks.eval.suite import EvalSettings, Row, SuiteBase, SuiteOutput
+
+if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
+    from tasks.eval.lm import LanguageModel
+
 
 
 class TextRow(Row):

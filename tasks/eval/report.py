@@ -3,14 +3,19 @@ training-curves plot of the upstream stages (loss, reward, KL from their MLflow 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.eval.lm import ModelSpec
 from tasks.eval.suites import higher_is_better
+
+if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
+    from tasks.eval.lm import ModelSpec
+
 
 # Which logged metrics each panel of the training-curves plot shows.
 CURVE_PANELS: dict[str, re.Pattern[str]] = {

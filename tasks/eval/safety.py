@@ -11,13 +11,16 @@ Metrics: ``refusal_rate`` (over harmful prompts, higher is safer) and ``over_ref
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from tasks.eval.lm import LanguageModel
 from tasks.eval.scoring import REFUSAL_MARKERS, is_refusal
 from tasks.eval.suite import EvalSettings, Row, SuiteBase, SuiteOutput, mean
+
+if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
+    from tasks.eval.lm import LanguageModel
+
 
 
 class SafetyRow(Row):

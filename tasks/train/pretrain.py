@@ -48,7 +48,7 @@ class PretrainConfig(TrainConfig):
         reserved = sorted({"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"} & set(self.overrides))
         if reserved:
             raise ValueError(f"{', '.join(reserved)} come from the tokenizer and cannot be overridden")
-        model_config(self.preset, 2, **self.overrides)  # unknown fields raise here, before any run
+        model_config(self.preset, 256, **self.overrides)  # unknown fields raise here, before any run
         return self
 
 

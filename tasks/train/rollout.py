@@ -105,8 +105,7 @@ def reply_texts(tokenizer: Any, rollout: Rollout) -> list[str]:
 
 def causal_logits(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The LM's logits on rollout rows (left- or right-padded)."""
-    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions(attention_mask), use_cache=False)
-    return out.logits if hasattr(out, "logits") else out[0]
+    return model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions(attention_mask), use_cache=False).logits
 
 
 # ---------------------------------------------------------------------------------- RL objectives
