@@ -31,6 +31,8 @@ def measure(preset: str, batch_size: int, args: argparse.Namespace, peak: float)
     from tasks.train.strategies import TorchStrategy
 
     device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     cfg = TrainConfig(
         steps=args.warmup + args.steps, warmup_steps=args.warmup, batch_size=batch_size, precision="bf16", compile=args.compile
@@ -56,16 +58,12 @@ def measure(preset: str, batch_size: int, args: argparse.Namespace, peak: float)
     seconds = time.perf_counter() - start
     tokens_per_s = args.steps * batch_size * args.seq_len / seconds
     flops_per_token = training_flops_per_token(model.config, args.seq_len)
-    result = {
+    return {
         "params_m": parameter_count(model.config) / 1e6,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu(tokens_per_s, flops_per_token, peak, 1),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
     }
-    del strategy, model
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return result
 
 
 def main() -> None:
