@@ -8,7 +8,7 @@ import pytest
 
 import tasks.registry as registry
 
-from tasks.config import load_config
+from tasks.config import load_config, validate_config
 from tasks.engine import plan
 from tasks.errors import ConfigError
 
@@ -111,3 +111,10 @@ def test_unimplemented_stage_is_refused(tmp_path, monkeypatch):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_a_full_form_round_trips():
+    """The Prefect UI submits every field, defaults included: that must validate as the same config."""
+    for path in ("configs/tiny.yaml", "configs/demo.yaml"):
+        config = load_config(path)
+        assert validate_config(config.model_dump(mode="json"), "form") == config

@@ -60,13 +60,15 @@ class TokenizerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _train_or_adopt(self) -> TokenizerConfig:
+        # Compare with the defaults, not with what was typed: a form (the Prefect UI) sends every field.
+        changed = {name for name, f in type(self).model_fields.items() if getattr(self, name) != f.default}
         if self.path is not None:
-            clash = sorted({"vocab_size", "min_frequency", "heldout_fraction"} & self.model_fields_set)
+            clash = sorted({"vocab_size", "min_frequency", "heldout_fraction"} & changed)
             if clash:
                 raise ValueError(
                     f"{', '.join(clash)} only apply when training; with `path` the tokenizer is used as it is"
                 )
-        elif "chat_template" in self.model_fields_set:
+        elif "chat_template" in changed:
             raise ValueError("chat_template only applies with `path`; a trained tokenizer always has Crucible's")
         return self
 

@@ -107,10 +107,12 @@ class AlignConfig(PostTrainConfig):
 
     @model_validator(mode="after")
     def _settings_match_the_method(self) -> AlignConfig:
-        others = [s for s in METHOD_SECTIONS if s != self.method and s in self.model_fields_set]
+        # Compare with the defaults, not with what was typed: a form (the Prefect UI) sends every field.
+        changed = {name for name, f in type(self).model_fields.items() if getattr(self, name) != f.get_default(call_default_factory=True)}
+        others = [s for s in METHOD_SECTIONS if s != self.method and s in changed]
         if others:
             raise ValueError(f"settings for {', '.join(others)} given, but method is {self.method}")
-        sampling_only = sorted({"reward", "sampling", "stop_penalty", "max_prompt_length", "eval_tokens"} & self.model_fields_set)
+        sampling_only = sorted({"reward", "sampling", "stop_penalty", "max_prompt_length", "eval_tokens"} & changed)
         if self.method == "dpo" and sampling_only:
             raise ValueError(f"{', '.join(sampling_only)} apply to grpo and ppo, not dpo")
         if self.reward != "model" and self.reward not in VERIFIERS:
