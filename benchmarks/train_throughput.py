@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
+    # Threads set up as Ray sets up its workers (OMP_NUM_THREADS before torch loads), so that the
+    # two loops differ only in what runs around the step.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="crucible-bench-") as workdir:
         path = os.path.join(workdir, "tokens.npy")
