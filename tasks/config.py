@@ -128,15 +128,35 @@ def validate_config(data: Any, source: str) -> PipelineConfig:
         raise ConfigError(source, problems) from None
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read and validate a YAML config. Errors name the file, the field path and the reason."""
-    path = Path(path)
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping in ``path``, with its ``base:`` file's sections under it (its own sections win,
+    whole: a section is replaced, never merged key by key, so no setting leaks from the base)."""
     if not path.is_file():
         raise ConfigError(str(path), [("(file)", "no such file")])
+    if path.resolve() in chain:
+        raise ConfigError(str(path), [("base", "the base files form a cycle: " + " -> ".join(map(str, chain)))])
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
         raise ConfigError(str(path), [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
-    return validate_config(data or {}, str(path))
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [("(top level)", "expected a mapping of sections")])
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(str(path), [("base", "expected the path of another config (relative to this file)")])
+    return {**_read_yaml(path.parent / base, (*chain, path.resolve())), **data}
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a YAML config. Errors name the file, the field path and the reason.
+
+    ``base: other.yaml`` starts from another config's sections (e.g. the demo with another
+    ``align`` method); stages whose sections are unchanged keep their fingerprints, so their
+    outputs are reused.
+    """
+    return validate_config(_read_yaml(Path(path)), str(path))

@@ -28,6 +28,22 @@ def test_shipped_configs_validate():
     assert load_config("configs/demo.yaml").name == "demo"
 
 
+def test_a_base_config_lends_its_sections_whole(tmp_path):
+    demo, grpo = load_config("configs/demo.yaml"), load_config("configs/demo_grpo.yaml")
+    assert grpo.name == "demo-grpo" and grpo.align.method == "grpo" and grpo.align.reward == "arithmetic"
+    assert grpo.align.dpo == demo.align.dpo.__class__()  # the base's dpo settings did not leak in
+    assert grpo.pretrain == demo.pretrain and grpo.evaluate == demo.evaluate
+    assert load_config("configs/demo_ppo.yaml").align.method == "ppo"
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml(.|\n)*no such file"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_unknown_key_names_file_and_field(tmp_path):
     path = write(tmp_path, """
         name: t

@@ -120,6 +120,7 @@ def test_crash_then_rerun_resumes_exports_and_registers(upstream, ray_session, m
     assert sorted(steps) == list(range(5, 13))  # resumed after step 4, not from 0
     assert result.tokens == 12 * 2 * 4 * SEQ_LEN
     assert result.metrics["val_loss"] < np.log(len(AutoTokenizer.from_pretrained(out.path("model")))) - 1.0  # learned
+    assert 0 < result.metrics["val_unigram_entropy"] < np.log(len(AutoTokenizer.from_pretrained(out.path("model"))))
 
     model_dir = out.path("model")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -153,6 +153,8 @@ def test_shards_and_reader(tmp_path):
     revived = pickle.loads(pickle.dumps(shards))
     assert revived._arrays is None and revived[5].tolist() == rows[5].tolist()
     assert len(tokenize.load_token_shards(out.root, "val")) == 0
+    # 32 distinct tokens, each once: the unigram entropy is ln 32, summed across the three shards
+    assert shards.unigram_entropy(300) == pytest.approx(np.log(32))
 
 
 # ---------------------------------------------------------------------------------- stage

@@ -203,6 +203,15 @@ class TokenShards:
             self._arrays = arrays
         return self._arrays
 
+    def unigram_entropy(self, vocab_size: int) -> float:
+        """Entropy (nats per token) of the split's token frequencies: the loss of the best model
+        that ignores context. A language model's loss well below it shows it uses the context."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for array in self._open():
+            counts += np.bincount(np.asarray(array).ravel(), minlength=vocab_size)[:vocab_size]
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
     def __getitem__(self, index: int | slice | np.ndarray | list[int]) -> np.ndarray:
         """Row ``i`` as ``[seq_len]``, or rows at several indices / a slice as ``[n, seq_len]``."""
         single = isinstance(index, (int, np.integer))

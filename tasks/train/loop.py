@@ -38,7 +38,7 @@ from tasks.tracking import RunLogger
 from tasks.train.checkpoint import Progress, load_checkpoint, save_checkpoint, seed_everything
 from tasks.train.data import ExampleSource, GlobalOrder, micro_batch_position, validation_indices
 from tasks.train.export import export_hf
-from tasks.train.metrics import Stopwatch, cost_usd
+from tasks.train.metrics import Stopwatch, cost_usd, progress_line
 from tasks.train.objectives import Objective, ObjectiveOutput
 from tasks.train.settings import TrainConfig
 from tasks.train.strategies import Strategy, build_strategy
@@ -272,6 +272,8 @@ def train_worker(payload: dict[str, Any]) -> None:
             metrics.update(_throughput("train/mean_", attempt_tokens, attempt_flops, watch.total, cfg.peak_flops, world))
         if logger is not None:
             logger.log_metrics(metrics, step=progress.step)
+        if rank == 0:
+            print(progress_line(progress.step, cfg.steps, metrics), flush=True)
         if checkpointing:
             _report_checkpoint(strategy, progress, rank, metrics)
         watch.resume()

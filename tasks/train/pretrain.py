@@ -121,7 +121,11 @@ def run(ctx: StageContext) -> StageResult:
         "cost_usd": final["train/cost_usd"],
     }
     if has_val:
-        summary |= {"val_loss": final["val/loss"], "val_perplexity": final["val/perplexity"]}
+        summary |= {
+            "val_loss": final["val/loss"],
+            "val_perplexity": final["val/perplexity"],
+            "val_unigram_entropy": load_token_shards(tokens, "val").unigram_entropy(index.vocab_size),
+        }
     name = cfg.registered_model or ctx.pipeline.name
     version = register_model(
         ctx.log.uri, ctx.run_id, name, _model_uri(ctx), cfg.alias,
