@@ -59,6 +59,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if o.manifest.tokens is not None:
             size += f"{', ' if size else ''}{o.manifest.tokens} tokens"
         print(f"  {o.stage:<10} {o.state:<7} {size:<28} {o.manifest.path}")
+    evaluated = [o for o in outcomes if o.stage == "evaluate"]
+    if evaluated:  # the run ends on what it was for: how the models compare
+        print("\n" + evaluated[0].manifest.report)
     return 0
 
 

@@ -11,6 +11,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 import flows  # noqa: F401
 from deployments.serve import load_deployments
+from flows import cli
 from flows.pipeline import pipeline, rerun_stage
 from flows.stages import STAGE_FLOWS
 from tasks.config import PipelineConfig, load_config
@@ -29,7 +30,7 @@ def tiny(tmp_home):
 
 
 
-def test_pipeline_flow_runs_the_whole_chain_then_skips(tiny, ray_session):
+def test_pipeline_flow_runs_the_whole_chain_then_skips(tiny, ray_session, capsys):
     """The tiny pipeline end to end through Prefect: what each stage made, then a cached rerun."""
     first = pipeline(config=tiny)
     assert [(o.stage, o.state) for o in first] == [(s, "ran") for s in tiny.configured_stages()]
@@ -56,6 +57,12 @@ def test_pipeline_flow_runs_the_whole_chain_then_skips(tiny, ray_session):
     third = pipeline(config=tiny)
     assert {o.state for o in third} == {"cached"}
     assert [o.manifest for o in third][1:] == [o.manifest for o in first][1:]
+
+    capsys.readouterr()
+    assert cli.main(["run", "configs/tiny.yaml"]) == 0  # the CLI's run ends with the summary and the report card
+    printed = capsys.readouterr().out
+    assert f"ran 0 (-), cached {len(first)}" in printed and out["evaluate"].path in printed
+    assert printed.rstrip().endswith(out["evaluate"].report.rstrip()) and "## Report card" in printed
 
     with get_client(sync_client=True) as client:
         latest = {a.key: a for a in client.read_artifacts()}

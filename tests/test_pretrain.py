@@ -25,6 +25,7 @@ from tasks.stage import Manifest, StageContext
 from tasks.store import StageDir
 from tasks.tracking import RunLogger, start_run
 from tasks.train import pretrain
+from tasks.train.data import validation_rows
 from tasks.train.loop import FAULT_ENV
 from tasks.train.pretrain import PretrainConfig
 
@@ -132,7 +133,8 @@ def test_crash_then_rerun_resumes_exports_and_registers(upstream, ray_session, m
     assert generated.shape[1] > prompt["input_ids"].shape[1]
     # The exported weights are the trained ones: they reproduce the reported validation loss.
     per_rank = min(len(upstream["val_rows"]) // 2, cfg.batch_size * cfg.eval_batches)
-    rows = torch.from_numpy(upstream["val_rows"][: 2 * per_rank].astype(np.int64))
+    chosen = validation_rows(len(upstream["val_rows"]), 2 * per_rank)
+    rows = torch.from_numpy(upstream["val_rows"][chosen].astype(np.int64))
     with torch.no_grad():
         loss = model(input_ids=rows, labels=rows).loss.item()
     assert loss == pytest.approx(result.metrics["val_loss"], abs=1e-4)

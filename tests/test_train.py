@@ -97,6 +97,8 @@ def test_validation_is_split_evenly_across_ranks():
     flat = [np.concatenate(s) for s in shares]
     assert len(flat[0]) == len(flat[1]) == 11
     assert not set(flat[0]) & set(flat[1])
+    few = np.concatenate([np.concatenate(validation_indices(100, r, 2, batch_size=2, batches=2)) for r in range(2)])
+    assert sorted(few.tolist()) == [0, 12, 25, 37, 50, 62, 75, 87]  # spread over the whole set, not a prefix
 
 
 # ---------------------------------------------------------------------------------- Ray Train runs

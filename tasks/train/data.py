@@ -65,14 +65,22 @@ def micro_batch_position(step: int, micro: int, rank: int, *, world: int, batch_
     return ((step * grad_accum + micro) * world + rank) * batch_size
 
 
+def validation_rows(size: int, count: int) -> np.ndarray:
+    """``count`` distinct row indices of ``size`` rows, evenly spaced from row 0."""
+    return (np.arange(count, dtype=np.int64) * size) // max(count, 1)
+
+
 def validation_indices(size: int, rank: int, world: int, batch_size: int, batches: int) -> list[np.ndarray]:
-    """Worker ``rank``'s validation micro-batches: a fixed, unshuffled prefix split across workers.
+    """Worker ``rank``'s validation micro-batches: the same examples at every pass, spread evenly
+    over the whole set (files are often sorted by source or kind, so a prefix would measure one
+    kind only), split across workers.
 
     Every worker gets as many examples (and micro-batches) as the others: sharded models run
     each forward pass on all workers together.
     """
     per_rank = min(size // world, batch_size * batches)
-    mine = np.arange(rank, per_rank * world, world)
+    chosen = validation_rows(size, per_rank * world)
+    mine = chosen[rank::world]
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
