@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -134,3 +136,28 @@ def test_a_full_form_round_trips():
     for path in ("configs/tiny.yaml", "configs/demo.yaml"):
         config = load_config(path)
         assert validate_config(config.model_dump(mode="json"), "form") == config
+
+
+TORCH_FREE = """
+import sys
+
+def check(after):
+    loaded = sorted({"torch", "transformers"} & set(sys.modules))
+    assert not loaded, f"{', '.join(loaded)} imported by {after}"
+
+import tasks.registry
+check("import tasks.registry")
+from flows.cli import status_report
+status_report("configs/tiny.yaml")
+check("crucible status configs/tiny.yaml")
+import flows.pipeline
+check("import flows.pipeline (it loads configs/demo.yaml, the flows' default)")
+"""
+
+
+def test_registry_planning_and_flows_leave_torch_unloaded(tmp_home):
+    """torch and transformers take seconds to import, so only a running stage loads them: the
+    registry, config loading, planning and the flows (``crucible stages``, ``status``, a run whose
+    stages are all cached) never do. A fresh interpreter, since this one has them loaded."""
+    result = subprocess.run([sys.executable, "-c", TORCH_FREE], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -22,31 +22,11 @@ import functools
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import AutoConfig
 
-from models.heads import PolicyWithValueHead
 from models.tokenizer import load_tokenizer
-from tasks.errors import StageError
 from tasks.stage import Stage, StageContext, StageResult
-from tasks.train.dpo import DPO, preference_metrics
-from tasks.train.grpo import GRPO
-from tasks.train.loop import TrainJob, run_training
-from tasks.train.post_data import PairExamples, PromptExamples, encode_pair, encode_prompt_row
-from tasks.train.post_stage import (
-    MODEL_DIR,
-    PostTrainConfig,
-    inputs_digest,
-    load_causal_lm,
-    materialize,
-    model_uri,
-    on_worker,
-    prepare_data,
-    publish_model,
-    write_tokenizer,
-)
-from tasks.train.ppo import PPO
+from tasks.train.post_config import PostTrainConfig, inputs_digest
 from tasks.train.rewards import VERIFIERS
-from tasks.train.rollout import Sampling, Scorer, generation_metrics
 
 
 class _Section(BaseModel):
@@ -120,29 +100,16 @@ class AlignConfig(PostTrainConfig):
         return self
 
 
-def _policy_with_value_head(path: str) -> PolicyWithValueHead:
-    return PolicyWithValueHead(load_causal_lm(path))
-
-
-def _check_reward_model(policy: str, reward_model: str) -> None:
-    vocab = {p: AutoConfig.from_pretrained(materialize(p), local_files_only=True).vocab_size for p in (policy, reward_model)}
-    if vocab[policy] != vocab[reward_model]:
-        raise StageError(f"align: the reward model's vocabulary ({vocab[reward_model]}) differs from the policy's ({vocab[policy]})")
-
-
-def _objective(cfg: AlignConfig, sft: str, scorer: Scorer | None) -> Any:
-    if cfg.method == "dpo":
-        return DPO(sft, cfg.dpo.beta, cfg.dpo.label_smoothing)
-    s = cfg.sampling
-    sampling = Sampling(s.max_new_tokens, s.temperature, s.top_k, s.top_p)
-    if cfg.method == "grpo":
-        g = cfg.grpo
-        return GRPO(scorer, sampling, sft, group_size=g.group_size, beta=g.beta, clip=g.clip,
-                    scale_rewards=g.scale_rewards, stop_penalty=cfg.stop_penalty)
-    return PPO(scorer, sampling, sft, cfg.ppo, cfg.grad_accum, stop_penalty=cfg.stop_penalty)
-
-
 def run(ctx: StageContext) -> StageResult:
+    # torch and transformers load here, not when the registry imports this module
+    from tasks.train.align_objective import check_reward_model, method_objective, policy_with_value_head
+    from tasks.train.dpo import preference_metrics
+    from tasks.train.post_data import PairExamples, PromptExamples, encode_pair, encode_prompt_row
+    from tasks.train.post_stage import (
+        load_causal_lm, materialize, model_uri, on_worker, prepare_data, publish_model, train_and_export,
+    )
+    from tasks.train.rollout import Scorer, generation_metrics
+
     cfg: AlignConfig = ctx.config
     sft, reward_model = model_uri(ctx.upstream["sft"]), model_uri(ctx.upstream["reward"])
     tokenizer, _ = load_tokenizer(materialize(sft))
@@ -154,7 +121,7 @@ def run(ctx: StageContext) -> StageResult:
         val = PairExamples(fs, data.validation_path, pad) if data.validation_path else None
     else:
         if cfg.reward == "model":
-            _check_reward_model(sft, reward_model)
+            check_reward_model(sft, reward_model)
         scorer = Scorer(tokenizer, cfg.reward, reward_model if cfg.reward == "model" else None)
         data = prepare_data(ctx, "prompt", lambda row: encode_prompt_row(tokenizer, row, cfg.max_prompt_length))
         train = PromptExamples(fs, data.train_path, pad)
@@ -168,21 +135,11 @@ def run(ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {}
     if val is not None:
         metrics.update({f"{k}_sft": v for k, v in measure(sft).items()})
-    job = TrainJob(
-        config=cfg,
-        build_model=functools.partial(_policy_with_value_head if cfg.method == "ppo" else load_causal_lm, sft),
-        objective=_objective(cfg, sft, scorer),
-        train_data=train,
-        val_data=val,
-        logger=ctx.log,
-        export_path=ctx.out.path(MODEL_DIR),
-        export_fs=fs,
-    )
-    outcome = run_training(job, ctx.out.path("checkpoints"), fs, name=ctx.name)
-    write_tokenizer(tokenizer, fs, ctx.out.path(MODEL_DIR))
-    metrics.update({k: v for k, v in outcome.metrics.items() if k.startswith(("train/", "val/"))})
+    build_model = functools.partial(policy_with_value_head if cfg.method == "ppo" else load_causal_lm, sft)
+    final, trained = train_and_export(ctx, build_model, method_objective(cfg, sft, scorer), train, val, tokenizer)
+    metrics.update(trained)
     if val is not None:
-        metrics.update(measure(ctx.out.uri.rstrip("/") + f"/{MODEL_DIR}"))
+        metrics.update(measure(final))
         ctx.log.log_metrics({k: v for k, v in metrics.items() if k.startswith("heldout/")})
     registered, version = publish_model(ctx, cfg)
     return StageResult(

@@ -1,9 +1,9 @@
 """The arithmetic of post-training losses, as plain tensor functions.
 
-Kept apart from the objectives that use them (``sft.py``, ``reward.py``, ``dpo.py``, ``grpo.py``,
-``ppo.py``) so each formula can be checked against a hand-computed example. Conventions: a
-``mask`` is 1 on the tokens that count (the response) and 0 elsewhere; log-probabilities are per
-token, aligned with the token they score (``token_logprobs``).
+Kept apart from the objectives that use them (``sft_objective.py``, ``reward_objective.py``,
+``dpo.py``, ``grpo.py``, ``ppo.py``) so each formula can be checked against a hand-computed
+example. Conventions: a ``mask`` is 1 on the tokens that count (the response) and 0 elsewhere;
+log-probabilities are per token, aligned with the token they score (``token_logprobs``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""What the post-training stages (``sft``, ``reward``, ``align``) share around the training loop.
+"""What the post-training stages (``sft``, ``reward``, ``align``) share when they run.
 
-- ``PostTrainConfig``: the loop's ``TrainConfig`` plus data sources, the held-out split, the
-  token budget and the MLflow model registration.
+Their config (``PostTrainConfig``) and input digest are in ``post_config.py``; this module loads
+torch and transformers, so the stages import it from their ``run``.
+
 - Data preparation: read and validate the sources (``tasks/data/chat_data.py``), split off the
   held-out set, tokenise on the driver, write ``data/{train,validation}.parquet`` and
   ``quarantine/`` into the stage folder. Deterministic, so a rerun after a crash writes the same
@@ -9,6 +10,8 @@
 - Model folders: every post-training stage writes a Hugging Face folder ``model/`` (weights,
   config, tokenizer with chat template); ``materialize`` gives workers a local copy when the
   store is an object store.
+- ``train_and_export``: the stage's training job on the shared loop (Ray Train), checkpoints in
+  ``checkpoints/``, the trained model exported to ``model/`` with the tokenizer beside it.
 - ``on_worker``: a one-off function (held-out evaluation) on the resources of one training
   worker, so a GPU cluster evaluates on a GPU.
 - ``publish_model``: an MLflow model version pointing at ``model/``, with the stage's alias
@@ -18,7 +21,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -28,69 +30,27 @@ from typing import Any, Literal, TypeVar
 
 import pyarrow.fs as pafs
 import torch
-from pydantic import Field
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from models.tokenizer import save_tokenizer
-from tasks.data.chat_data import ChatSource, Example, is_held_out, load_examples, write_quarantine
-from tasks.data.ingest import list_source_files
-from tasks.errors import ConfigError, StageError
+from tasks.data.chat_data import Example, is_held_out, load_examples, write_quarantine
+from tasks.errors import StageError
 from tasks.stage import Manifest, StageContext
+from tasks.train.data import ExampleSource
+from tasks.train.loop import TrainJob, run_training
+from tasks.train.objectives import Objective
+from tasks.train.post_config import PostTrainConfig
 from tasks.train.post_data import TooLong, write_examples
 from tasks.train.publish import register_model
 from tasks.train.settings import TrainConfig
 
 MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
 TRAIN_FILE = "data/train.parquet"
 VALIDATION_FILE = "data/validation.parquet"
 QUARANTINE_FILE = "quarantine/quarantine.parquet"
 R = TypeVar("R")
-
-
-class PostTrainConfig(TrainConfig):
-    """Training settings plus the data a post-training stage learns from."""
-
-    data: list[ChatSource] = Field(..., min_length=1, description="training sources")
-    validation: list[ChatSource] = Field(
-        default_factory=list, description="held-out sources; when empty, `val_fraction` of `data` is held out"
-    )
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of `data` held out (by id hash) when `validation` is empty")
-    max_length: int = Field(1024, ge=8, description="longest example in tokens; longer ones go to quarantine")
-    registered_model: str | None = Field(None, description="MLflow registered model name; default: the pipeline name")
-    alias: str = Field(..., description="MLflow alias moved to the new model version")
-
-
-# ---------------------------------------------------------------------------------- inputs
-
-
-def inputs_digest(cfg: PostTrainConfig, stage: str, init_from: str | None = None) -> str:
-    """The output depends on the data files (and on ``init_from``, a model folder outside the
-    store): hash their names, sizes and mtimes. Sources that match nothing are config errors."""
-    digest = hashlib.sha256()
-    problems = []
-    for field, sources in (("data", cfg.data), ("validation", cfg.validation)):
-        for i, source in enumerate(sources):
-            try:
-                _base, files = list_source_files(source)  # type: ignore[arg-type]
-            except (OSError, ValueError) as exc:
-                problems.append((f"{stage}.{field}[{i}].path", f"cannot read '{source.path}': {exc}"))
-                continue
-            if not files:
-                problems.append((f"{stage}.{field}[{i}].path", f"no files match '{source.path}'"))
-            for info in files:
-                digest.update(f"{field}{i}\0{info.path}\0{info.size}\0{info.mtime_ns}\n".encode())
-    if init_from is not None:
-        folder = Path(init_from).expanduser()
-        if not (folder / "config.json").is_file():
-            problems.append((f"{stage}.init_from", f"'{init_from}' is not a Hugging Face model folder (no config.json)"))
-        else:
-            for f in sorted(p for p in folder.iterdir() if p.is_file()):
-                stat = f.stat()
-                digest.update(f"{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    if problems:
-        raise ConfigError("config", problems)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------- data
@@ -206,6 +166,36 @@ def write_tokenizer(tokenizer: Any, out_fs: pafs.FileSystem, model_path: str) ->
 
 
 # ---------------------------------------------------------------------------------- running
+
+
+def train_and_export(
+    ctx: StageContext,
+    build_model: Callable[[], nn.Module],
+    objective: Objective,
+    train: ExampleSource,
+    validation: ExampleSource | None,
+    tokenizer: Any,
+) -> tuple[str, dict[str, float]]:
+    """Train with the stage's config on the shared loop and export ``model/`` with ``tokenizer``.
+
+    Checkpoints live in the stage folder (``checkpoints/``), so a rerun after a crash resumes.
+    Returns the exported model's URI and the loop's final ``train/`` and ``val/`` metrics.
+    """
+    fs, model_path = ctx.out.fs, ctx.out.path(MODEL_DIR)
+    job = TrainJob(
+        config=ctx.config,
+        build_model=build_model,
+        objective=objective,
+        train_data=train,
+        val_data=validation,
+        logger=ctx.log,
+        export_path=model_path,
+        export_fs=fs,
+    )
+    outcome = run_training(job, ctx.out.path(CHECKPOINT_DIR), fs, name=ctx.name)
+    write_tokenizer(tokenizer, fs, model_path)
+    metrics = {k: v for k, v in outcome.metrics.items() if k.startswith(("train/", "val/"))}
+    return f"{ctx.out.uri.rstrip('/')}/{MODEL_DIR}", metrics
 
 
 def on_worker(cfg: TrainConfig, fn: Callable[..., R], *args: Any) -> R:

@@ -25,6 +25,7 @@ from models.flops import parameter_count
 from models.presets import PRESETS, PresetName, build_model, model_config
 from tasks.data.tokenize import TokenIndex, load_token_shards, read_token_index
 from tasks.data.tokenizer import tokenizer_uri
+from tasks.errors import ConfigError
 from tasks.stage import Stage, StageContext, StageResult
 from tasks.train.publish import register_model
 from tasks.train.settings import TrainConfig
@@ -44,12 +45,28 @@ class PretrainConfig(TrainConfig):
     alias: str = Field("pretrain", description="MLflow alias moved to the new model version")
 
     @model_validator(mode="after")
-    def _overrides_exist(self) -> PretrainConfig:
+    def _tokenizer_fields_not_overridden(self) -> PretrainConfig:
         reserved = sorted({"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"} & set(self.overrides))
         if reserved:
             raise ValueError(f"{', '.join(reserved)} come from the tokenizer and cannot be overridden")
-        model_config(self.preset, 256, **self.overrides)  # unknown fields raise here, before any run
         return self
+
+
+def pretrain_inputs(cfg: PretrainConfig, _pipeline: Any) -> str:
+    """Nothing outside the config counts; the overrides are checked here, at plan time, before any run.
+
+    Only building the ``LlamaConfig`` finds unknown fields and bad values (a hidden size the heads
+    do not divide), and that loads transformers and torch: in the config's validator, every config
+    load (``crucible status``, the Prefect form) would pay seconds for it. A preset alone is valid.
+    """
+    if cfg.overrides:
+        from huggingface_hub.errors import StrictDataclassError
+
+        try:
+            model_config(cfg.preset, 256, **cfg.overrides)
+        except (TypeError, ValueError, StrictDataclassError) as exc:
+            raise ConfigError("config", [("pretrain.overrides", str(exc))]) from exc
+    return ""
 
 
 def model_arguments(cfg: PretrainConfig, index: TokenIndex) -> dict[str, Any]:
@@ -138,4 +155,4 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-STAGE = Stage(name="pretrain", upstream=("tokenize", "tokenizer"), version="1", run=run)
+STAGE = Stage(name="pretrain", upstream=("tokenize", "tokenizer"), version="1", run=run, inputs=pretrain_inputs)

@@ -15,31 +15,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from pydantic import Field
-from torch import nn
-from transformers import PreTrainedModel
 
-from models.heads import reward_model_from, sequence_rewards
 from models.tokenizer import load_tokenizer
 from tasks.stage import Stage, StageContext, StageResult
-from tasks.train.loop import TrainJob, run_training
-from tasks.train.objectives import Objective, ObjectiveOutput
-from tasks.train.post_data import PairExamples, encode_pair
-from tasks.train.post_objectives import bradley_terry_loss
-from tasks.train.post_stage import (
-    MODEL_DIR,
-    PostTrainConfig,
-    eval_device,
-    inputs_digest,
-    materialize,
-    model_uri,
-    on_device,
-    on_worker,
-    prepare_data,
-    publish_model,
-    write_tokenizer,
-)
+from tasks.train.post_config import PostTrainConfig, inputs_digest
 
 
 class RewardConfig(PostTrainConfig):
@@ -50,53 +30,12 @@ class RewardConfig(PostTrainConfig):
     use_margin: bool = Field(True, description="subtract each pair's `margin` (0 when absent) inside the loss")
 
 
-class PairwiseReward(Objective):
-    """Bradley–Terry loss on (chosen, rejected) rows of one batch; logs accuracy and reward gap."""
-
-    def __init__(self, use_margin: bool = True):
-        self.use_margin = use_margin
-
-    def compute(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
-        chosen, rejected = rewards.chunk(2)
-        margin = batch["margin"] if self.use_margin else 0.0
-        loss = bradley_terry_loss(chosen, rejected, margin)
-        gap = (chosen - rejected).detach()
-        return ObjectiveOutput(
-            loss=loss,
-            tokens=torch.tensor(chosen.numel(), device=chosen.device),
-            metrics={"accuracy": (gap > 0).float().mean(), "reward_gap": gap.mean(), "reward_chosen": chosen.detach().mean()},
-        )
-
-
-def load_reward_model(path: str, pad_token_id: int, vocab_size: int | None = None) -> PreTrainedModel:
-    model = reward_model_from(materialize(path), pad_token_id, dtype=torch.float32)
-    if vocab_size is not None and vocab_size != model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(vocab_size)
-    return model
-
-
-def pairwise_metrics(model_path: str, pad_token_id: int, examples: PairExamples, batch_size: int) -> dict[str, float]:
-    """Pairwise accuracy, mean reward gap and mean rewards of a reward model over every pair."""
-    device = eval_device()
-    model = load_reward_model(model_path, pad_token_id).to(device).eval()
-    chosen_all, rejected_all = [], []
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = on_device(examples.collate(range(start, min(start + batch_size, len(examples)))), device)
-            chosen, rejected = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
-            chosen_all.append(chosen)
-            rejected_all.append(rejected)
-    chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
-    return {
-        "heldout/accuracy": (chosen > rejected).float().mean().item(),
-        "heldout/reward_gap": (chosen - rejected).mean().item(),
-        "heldout/reward_chosen": chosen.mean().item(),
-        "heldout/reward_rejected": rejected.mean().item(),
-    }
-
-
 def run(ctx: StageContext) -> StageResult:
+    # torch and transformers load here, not when the registry imports this module
+    from tasks.train.post_data import PairExamples, encode_pair
+    from tasks.train.post_stage import materialize, model_uri, on_worker, prepare_data, publish_model, train_and_export
+    from tasks.train.reward_objective import PairwiseReward, load_reward_model, pairwise_metrics
+
     cfg: RewardConfig = ctx.config
     start = model_uri(ctx.upstream["sft"])
     tokenizer, _ = load_tokenizer(materialize(start))
@@ -104,20 +43,8 @@ def run(ctx: StageContext) -> StageResult:
     fs, pad = ctx.out.fs, tokenizer.pad_token_id
     train = PairExamples(fs, data.train_path, pad)
     val = PairExamples(fs, data.validation_path, pad) if data.validation_path else None
-    job = TrainJob(
-        config=cfg,
-        build_model=functools.partial(load_reward_model, start, pad),
-        objective=PairwiseReward(cfg.use_margin),
-        train_data=train,
-        val_data=val,
-        logger=ctx.log,
-        export_path=ctx.out.path(MODEL_DIR),
-        export_fs=fs,
-    )
-    outcome = run_training(job, ctx.out.path("checkpoints"), fs, name=ctx.name)
-    write_tokenizer(tokenizer, fs, ctx.out.path(MODEL_DIR))
-    final = ctx.out.uri.rstrip("/") + f"/{MODEL_DIR}"
-    metrics = {k: v for k, v in outcome.metrics.items() if k.startswith(("train/", "val/"))}
+    build_model = functools.partial(load_reward_model, start, pad)
+    final, metrics = train_and_export(ctx, build_model, PairwiseReward(cfg.use_margin), train, val, tokenizer)
     if val is not None:
         metrics.update(on_worker(cfg, pairwise_metrics, final, pad, val, cfg.batch_size))
         ctx.log.log_metrics({k: v for k, v in metrics.items() if k.startswith("heldout/")})

@@ -20,30 +20,11 @@ import json
 import math
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from models.tokenizer import load_tokenizer
 from tasks.stage import Stage, StageContext, StageResult
-from tasks.train.loop import TrainJob, run_training
-from tasks.train.objectives import Objective, ObjectiveOutput
-from tasks.train.post_data import IGNORE, ChatExamples, encode_conversation, encode_prompt, pack
-from tasks.train.post_stage import (
-    MODEL_DIR,
-    PostTrainConfig,
-    eval_device,
-    inputs_digest,
-    load_causal_lm,
-    materialize,
-    model_uri,
-    on_device,
-    on_worker,
-    prepare_data,
-    publish_model,
-    write_tokenizer,
-)
-from tasks.train.rollout import Sampling, generate, reply_texts, stop_token_ids
+from tasks.train.post_config import PostTrainConfig, inputs_digest
 
 SAMPLES = 8
 
@@ -62,62 +43,16 @@ class SFTConfig(PostTrainConfig):
     sample_tokens: int = Field(64, ge=1, description="reply length of the held-out samples written after training")
 
 
-class AssistantTokens(Objective):
-    """Next-token loss where ``labels`` are not -100: the assistant's tokens.
-
-    Packed rows carry ``position_ids`` and no attention mask, so ``transformers`` masks attention
-    per conversation; ``use_cache=False`` keeps it from building a KV cache, which would turn that
-    detection off.
-    """
-
-    def compute(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        labels = batch["labels"]
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"), labels=labels, use_cache=False,
-        )
-        return ObjectiveOutput(loss=out.loss, tokens=(labels[:, 1:] != IGNORE).sum())
-
-
-def assistant_loss(model_path: str, examples: ChatExamples, batch_size: int, vocab_size: int | None = None) -> float:
-    """Token-weighted assistant-token loss of the model at ``model_path`` over every example."""
-    device = eval_device()
-    model = load_causal_lm(model_path, vocab_size).to(device).eval()
-    objective = AssistantTokens()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            batch = on_device(examples.collate(range(start, min(start + batch_size, len(examples)))), device)
-            out = objective.compute(model, batch)
-            total += out.loss.item() * int(out.tokens)
-            tokens += int(out.tokens)
-    return total / max(tokens, 1)
-
-
-def held_out_samples(model_path: str, tokenizer: Any, conversations: list[list[dict]], max_new_tokens: int) -> list[dict]:
-    """Greedy replies to the last user turn of each conversation, next to the reference reply."""
-    device = eval_device()
-    model = load_causal_lm(model_path).to(device).eval()
-    rows = []
-    for messages in conversations:
-        prompt = messages[:-1]
-        ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
-        rollout = generate(
-            model, ids, torch.ones_like(ids), Sampling(max_new_tokens, greedy=True),
-            stop_token_ids(tokenizer), tokenizer.pad_token_id,
-        )
-        rows.append({"prompt": prompt[-1]["content"], "reference": messages[-1]["content"], "reply": reply_texts(tokenizer, rollout)[0]})
-    return rows
-
-
-def init_path(ctx: StageContext) -> str:
-    cfg: SFTConfig = ctx.config
-    return cfg.init_from or model_uri(ctx.upstream["pretrain"])
-
-
 def run(ctx: StageContext) -> StageResult:
+    # torch and transformers load here, not when the registry imports this module
+    from tasks.train.post_data import ChatExamples, encode_conversation, pack
+    from tasks.train.post_stage import (
+        load_causal_lm, materialize, model_uri, on_worker, prepare_data, publish_model, train_and_export,
+    )
+    from tasks.train.sft_objective import AssistantTokens, assistant_loss, held_out_samples
+
     cfg: SFTConfig = ctx.config
-    start = init_path(ctx)
+    start = cfg.init_from or model_uri(ctx.upstream["pretrain"])
     tokenizer, added = load_tokenizer(materialize(start), chat_template=cfg.chat_template)
     vocab_size = len(tokenizer) if added else None
     data = prepare_data(
@@ -131,20 +66,9 @@ def run(ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {}
     if val is not None:
         metrics["heldout/loss_init"] = on_worker(cfg, assistant_loss, start, val, cfg.batch_size, vocab_size)
-    job = TrainJob(
-        config=cfg,
-        build_model=functools.partial(load_causal_lm, start, vocab_size),
-        objective=AssistantTokens(),
-        train_data=train,
-        val_data=val,
-        logger=ctx.log,
-        export_path=ctx.out.path(MODEL_DIR),
-        export_fs=fs,
-    )
-    outcome = run_training(job, ctx.out.path("checkpoints"), fs, name=ctx.name)
-    write_tokenizer(tokenizer, fs, ctx.out.path(MODEL_DIR))
-    final = ctx.out.uri.rstrip("/") + f"/{MODEL_DIR}"
-    metrics.update({k: v for k, v in outcome.metrics.items() if k.startswith(("train/", "val/"))})
+    build_model = functools.partial(load_causal_lm, start, vocab_size)
+    final, trained = train_and_export(ctx, build_model, AssistantTokens(), train, val, tokenizer)
+    metrics.update(trained)
 
     samples_md = ""
     if val is not None:
