@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -141,7 +142,13 @@ def evaluate_model(spec: ModelSpec, suites: list[Any], rows: dict[str, list[Any]
     local = ModelSpec(spec.name, materialize(spec.path), spec.chat, spec.stage)
     lm = LanguageModel(local, cfg.device, cfg.batch_size, cfg.max_length)
     settings = EvalSettings(seed=cfg.seed, sandbox=cfg.sandbox)
-    return {suite.name: suite.evaluate(lm, rows[suite.name], settings) for suite in suites}
+    outputs = {}
+    for suite in suites:  # one line per suite: generation-heavy suites take minutes on CPU
+        started = time.monotonic()
+        outputs[suite.name] = out = suite.evaluate(lm, rows[suite.name], settings)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in list(out.metrics.items())[:3])
+        print(f"{spec.name} / {suite.name}: {len(rows[suite.name])} items in {time.monotonic() - started:.1f}s ({shown})", flush=True)
+    return outputs
 
 
 def judge_pairwise(path: str, suite: PairwiseSuite, replies: dict[str, list[dict]], cfg: EvaluateConfig):
