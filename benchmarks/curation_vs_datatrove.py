@@ -16,6 +16,9 @@ of documents on which both made the same keep/drop decision. Differences are exp
 datatrove's C4 filter rewrites the text that FineWeb then sees; Crucible never rewrites text.
 
     .venv/bin/python benchmarks/curation_vs_datatrove.py --docs 2000 --workers 2
+
+``--corpus DIR`` filters the ``*.jsonl`` documents of ``DIR`` instead (a proportional sample of
+``--docs``), e.g. the held-out corpus that ``benchmarks/heldout_corpus.py`` writes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from heldout_corpus import read_texts
 
 os.environ.setdefault("CRUCIBLE_PROGRESS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -152,11 +157,12 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shards", type=int, default=4, help="input files (datatrove parallelises over files)")
+    parser.add_argument("--corpus", type=Path, default=None, help="folder of *.jsonl documents instead of the built-in corpus")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="crucible-bench-"))
     os.environ.setdefault("CRUCIBLE_HOME", str(work / "home"))
-    texts = prose_corpus(args.docs)
+    texts = read_texts(args.corpus, args.docs) if args.corpus else prose_corpus(args.docs)
     corpus = work / "corpus"
     corpus.mkdir()
     for shard in range(args.shards):
@@ -169,6 +175,7 @@ def main() -> None:
     theirs_s, theirs_kept = run_datatrove(ingested, work / "datatrove-out", work / "datatrove-logs", args.workers, evals)
     ours_rate, theirs_rate = len(ids) / ours_s, len(ids) / theirs_s
     agree = sum((i in ours_kept) == (i in theirs_kept) for i in ids) / max(1, len(ids))
+    print(f"corpus: {args.corpus or 'package descriptions + module docstrings'}")
     print(f"documents: {len(ids)}  workers: {args.workers}  input shards: {args.shards}")
     print(f"crucible filter stage : {ours_s:7.1f} s  {ours_rate:8.1f} docs/s  kept {len(ours_kept)}")
     print(f"datatrove local exec. : {theirs_s:7.1f} s  {theirs_rate:8.1f} docs/s  kept {len(theirs_kept)}")

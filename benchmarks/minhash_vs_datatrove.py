@@ -17,6 +17,9 @@ is caught when at most one of the two survives), false merges (documents with no
 Jaccard 0.5 that were removed) and removals without any partner >= 0.8.
 
     .venv/bin/python benchmarks/minhash_vs_datatrove.py --bases 4000 --workers 2
+
+``--corpus DIR`` takes the bases from the ``*.jsonl`` documents of ``DIR`` (real text with its
+own near-duplicates), e.g. the held-out corpus that ``benchmarks/heldout_corpus.py`` writes.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from heldout_corpus import read_texts
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "to", "sa", "vi", "de", "po", "la", "re", "chi", "ba", "go", "fu", "mo", "te"]
 
@@ -41,10 +45,21 @@ SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "to", "sa", "vi", "de", "po", "la", "
 # ---------------------------------------------------------------------------------- corpus
 
 
-def make_corpus(bases: int, seed: int) -> list[dict]:
-    """Documents with ids ``b{n}`` (bases), ``b{n}v{k}`` (edited variants), ``b{n}c`` (exact copies)."""
+def make_corpus(bases: int, seed: int, texts: list[str] | None = None) -> list[dict]:
+    """Documents with ids ``b{n}`` (bases), ``b{n}v{k}`` (edited variants), ``b{n}c`` (exact copies).
+
+    Bases are random words, or with ``texts`` the opening words of those real documents (one
+    base each, edits drawing from their vocabulary), which also brings the near-duplicates the
+    real documents already have among themselves.
+    """
     rng = random.Random(seed)
-    vocab = sorted({"".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))) for _ in range(60_000)})
+    if texts is None:
+        vocab = sorted({"".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))) for _ in range(60_000)})
+        base_words = lambda n: [rng.choice(vocab) for _ in range(rng.randint(80, 400))]  # noqa: E731
+    else:
+        vocab = sorted({word for text in texts for word in text.split()})
+        base_words = lambda n: texts[n].split()[: rng.randint(80, 400)]  # noqa: E731
+        bases = min(bases, len(texts))
     docs = []
 
     def render(words: list[str]) -> str:  # sentences: capitalized, with periods
@@ -57,7 +72,7 @@ def make_corpus(bases: int, seed: int) -> list[dict]:
         return " ".join(out)
 
     for n in range(bases):
-        words = [rng.choice(vocab) for _ in range(rng.randint(80, 400))]
+        words = base_words(n)
         docs.append({"id": f"b{n}", "text": render(words)})
         if rng.random() < 0.35:  # a family of edited variants
             for k in range(rng.randint(1, 4)):
@@ -189,11 +204,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="datatrove workers = Ray CPUs")
     parser.add_argument("--files", type=int, default=4, help="Parquet shards of the corpus")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", type=Path, default=None, help="folder of *.jsonl documents whose texts become the bases")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="minhash-bench-"))
     try:
-        docs = make_corpus(args.bases, args.seed)
+        docs = make_corpus(args.bases, args.seed, read_texts(args.corpus, args.bases) if args.corpus else None)
         table = pa.Table.from_pylist(docs)
         paths = []
         for k in range(args.files):
@@ -204,7 +220,7 @@ def main() -> None:
         truth = ground_truth(docs)
         ids = [d["id"] for d in docs]
         positives = sum(j >= 0.8 for j in truth.values())
-        print(f"corpus: {len(docs)} documents, {sum(len(d['text'].split()) for d in docs)} words, "
+        print(f"corpus: {args.corpus or 'random words'}: {len(docs)} documents, {sum(len(d['text'].split()) for d in docs)} words, "
               f"{positives} pairs with Jaccard >= 0.8, {len(truth)} pairs sharing a 5-gram, "
               f"{ideal_removals(ids, truth)} documents to remove; "
               f"{args.workers} workers, load average {os.getloadavg()[0]:.1f}")

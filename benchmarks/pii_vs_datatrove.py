@@ -5,7 +5,11 @@ share each alters (``tasks.data.pii_mix`` builds and scores the mix), plus throu
 datatrove's formatter covers e-mails and public IPv4 addresses only; that is the point of
 comparison, not a flaw in how it is called.
 
-    .venv/bin/python benchmarks/pii_vs_datatrove.py [--seed 0] [--per-kind 100]
+    .venv/bin/python benchmarks/pii_vs_datatrove.py [--seed 0] [--per-kind 100] [--corpus DIR]
+
+``--corpus DIR`` places every item inside a real sentence of the ``*.jsonl`` documents of
+``DIR`` (``pii_mix.context_sentences``) instead of filler words, e.g. the held-out corpus that
+``benchmarks/heldout_corpus.py`` writes.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from datatrove.pipeline.formatters import PIIFormatter
+from heldout_corpus import read_texts
 
 from tasks.data.pii_detect import redact
-from tasks.data.pii_mix import Item, MixScore, make_documents, make_items, score
+from tasks.data.pii_mix import Item, MixScore, context_sentences, make_documents, make_items, score
 
 
 def measure(items: list[Item], redactor: Callable[[str], str]) -> tuple[MixScore, float]:
@@ -34,9 +40,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-kind", type=int, default=100, help="items per PII kind and per look-alike class")
+    parser.add_argument("--corpus", type=Path, default=None, help="folder of *.jsonl documents whose sentences carry the items")
     args = parser.parse_args()
 
-    items = make_items(args.seed, args.per_kind)
+    context = context_sentences(read_texts(args.corpus, None)) if args.corpus else None
+    items = make_items(args.seed, args.per_kind, context)
     datatrove = PIIFormatter()
     results = {
         "crucible": measure(items, lambda text: redact(text).text),
@@ -44,7 +52,8 @@ def main() -> None:
     }
     crucible, datatrove_score = results["crucible"][0], results["datatrove"][0]
     n_pii, n_look = sum(crucible.injected.values()), sum(crucible.lookalikes.values())
-    print(f"mix: seed {args.seed}, {n_pii} injected PII items, {n_look} look-alikes, {len(make_documents(items))} documents\n")
+    where = f"{len(context)} sentences of {args.corpus}" if context else "filler words"
+    print(f"mix: seed {args.seed}, items inside {where}, {n_pii} injected PII items, {n_look} look-alikes, {len(make_documents(items))} documents\n")
     print("| | crucible | datatrove PIIFormatter |\n|---|---|---|")
     for kind in sorted(crucible.injected):
         print(f"| removed: {kind} | {crucible.removed[kind] / crucible.injected[kind]:.1%} "

@@ -172,6 +172,75 @@ def test_code_survives_prose_heuristics(verdicts):
     assert all(r is not None and r.split(":")[0] in {"lang", "gopher_quality", "gopher_repetition", "c4", "fineweb"} for r in prose_reasons)
 
 
+# ---------------------------------------------------------------------------------- every sub-reason
+
+SENTENCES = [s.strip() + "." for p in PARAGRAPHS for s in p.split(".") if s.strip()]
+WORDS = GOOD_EN.split()
+LONG_WORDS = ["Internationalization", "Telecommunications", "Responsibilities", "Interoperability", "Administratively",
+              "Extraordinarily", "Comprehensively", "Infrastructural", "Characteristically", "Misunderstandings"]
+FAMILIES = ("gopher_quality", "gopher_repetition", "c4", "fineweb")
+SUB_REASONS = {  # reason -> a document that only this check of its family drops, at datatrove's defaults
+    "gopher_quality:gopher_short_doc": SHORT,
+    "gopher_quality:gopher_long_doc": " ".join([GOOD_EN] * (100_000 // len(WORDS) + 1)),
+    "gopher_quality:gopher_below_avg_threshold": " ".join(["It is so. I am at it. We go to it and he is on it, as we do."] * 6),
+    "gopher_quality:gopher_above_avg_threshold": " ".join([
+        "The internationalization of telecommunications infrastructure necessitates comprehensive interoperability "
+        "considerations with extraordinarily sophisticated administrative responsibilities."] * 6),
+    "gopher_quality:gopher_too_many_hashes": GOOD_EN + "\n" + " ".join(f"#topic{i}" for i in range(25)),
+    "gopher_quality:gopher_too_many_ellipsis": GOOD_EN + "\n" + " ".join(["Wait ... what ... really ..."] * 8),
+    "gopher_quality:gopher_too_many_bullets": "\n".join("- " + s for s in SENTENCES),
+    "gopher_quality:gopher_too_many_end_ellipsis": "\n".join(s[:-1] + " and so on..." if i % 2 else s for i, s in enumerate(SENTENCES)),
+    "gopher_quality:gopher_below_alpha_threshold": GOOD_EN + "\n" + " ".join(f"{i * 37 % 1000} {i}" for i in range(60)),
+    "gopher_quality:gopher_enough_stop_words": " ".join(
+        w for w in WORDS if w.lower().strip(".,") not in {"the", "be", "to", "of", "and", "that", "have", "with"}),
+    "gopher_repetition:dup_para_frac": REPEATED,
+    "gopher_repetition:dup_para_char_frac": "\n\n".join(SENTENCES[:3] + SENTENCES[6:] + [PARAGRAPHS[1], PARAGRAPHS[1]]),
+    "gopher_repetition:dup_line_frac": GOOD_EN + "\n" + "\n".join(["Read the full story on our website today."] * 8),
+    "gopher_repetition:dup_line_char_frac": "\n".join(SENTENCES + SENTENCES[3:6]),
+    "gopher_repetition:top_2_gram": GOOD_EN + " " + " ".join(["river valley"] * 40),
+    "gopher_repetition:duplicated_5_n_grams": " ".join([GOOD_EN, *WORDS[10:40], *WORDS[60:90]]),
+    "c4:lorem_ipsum": LOREM,
+    "c4:curly_bracket": GOOD_EN + "\nThe archive record {family: name} is kept for all of the local visitors.",
+    "c4:too_few_sentences": GOOD_EN.replace(".", ""),
+    "fineweb:line_punct_ratio": "\n".join(s[:-1] for s in SENTENCES),
+    "fineweb:short_line_ratio": "\n".join(s[:25] + "." for s in SENTENCES),
+    "fineweb:char_dup_ratio": DUP_LINE,
+    "fineweb:list_ratio": "\n".join(f"{a} {b}." for k in (1, 2) for a, b in zip(LONG_WORDS, LONG_WORDS[k:] + LONG_WORDS[:k])),
+}
+
+
+@pytest.fixture(scope="module")
+def family_verdicts() -> dict[str, str | None]:
+    """Each crafted document in a domain where only its own family runs (the others are None)."""
+    domains = {family: {other: ({} if other == family else None) for other in FAMILIES} for family in FAMILIES}
+    doc_filter = FilterConfig.model_validate({"default": {"langid": None, "toxicity": None}, "domains": domains}).document_filter()
+    reasons = list(SUB_REASONS)
+    table = pa.table({"text": [SUB_REASONS[r] for r in reasons] + [GOOD_EN] * len(FAMILIES),
+                      "domain": [r.split(":")[0] for r in reasons] + list(FAMILIES)})
+    verdicts = doc_filter.annotate(table).column("reason").to_pylist()
+    return dict(zip(reasons + [f"{family}:good" for family in FAMILIES], verdicts))
+
+
+@pytest.mark.parametrize("reason", list(SUB_REASONS))
+def test_each_datatrove_sub_reason_is_reported(family_verdicts, reason):
+    assert family_verdicts[reason] == reason
+    assert family_verdicts[f"{reason.split(':')[0]}:good"] is None  # the same family keeps good prose
+
+
+@pytest.mark.parametrize("text", [GOOD_EN, "don't stop -- it's 5 o'clock ... ！ １２ " * 20, "a-b c_d e.f " * 50, "# ... - " * 40])
+def test_long_doc_shortcut_never_disagrees_with_gopher(text):
+    """The cheap chunk count only says "long" where datatrove's own count says so too."""
+    from datatrove.data import Document
+
+    from tasks.data.filters.quality import GopherQualityConfig, exceeds_word_count
+
+    for limit in (5, 20, 50, 100, 150, 400):
+        gopher = GopherQualityConfig(min_doc_words=None, max_doc_words=limit).make("en")
+        verdict = gopher.filter(Document(text=text, id=""))
+        if exceeds_word_count(text, limit):
+            assert verdict == (False, "gopher_long_doc")
+
+
 # ---------------------------------------------------------------------------------- config
 
 

@@ -12,7 +12,7 @@ import tasks.registry as registry
 from tasks.config import validate_config
 from tasks.data import pii
 from tasks.data.pii_detect import PiiKind, RedactOptions, redact
-from tasks.data.pii_mix import make_items, score
+from tasks.data.pii_mix import context_sentences, make_items, score
 from tasks.errors import ConfigError
 from tasks.stage import Stage
 
@@ -140,6 +140,21 @@ def test_generated_mix_meets_the_acceptance_rates():
     assert result.removed_share >= 0.99, result.table()
     assert result.altered_share <= 0.01, result.table()
     assert all(result.removed[k] >= 0.95 * result.injected[k] for k in result.injected), result.table()
+
+
+def test_items_placed_in_real_sentences_keep_the_rates():
+    """The mix with carrier sentences (as the benchmark's ``--corpus`` builds it): only plain
+    sentences carry items, and detection does not lean on the filler words."""
+    text = ("Call 555 0100 today. Write to me at home, please. The valley (old and quiet) is a good place to live. "
+            "Set key=value here now. Short one. Une vallée tranquille où les fermiers vivent depuis longtemps.")
+    context = context_sentences([text, "Ein ruhiges Tal, in dem die Bauern seit langer Zeit leben!"])
+    assert context == ["Write to me at home, please.", "The valley (old and quiet) is a good place to live.",
+                       "Une vallée tranquille où les fermiers vivent depuis longtemps.",
+                       "Ein ruhiges Tal, in dem die Bauern seit langer Zeit leben!"]
+    items = make_items(seed=7, per_kind=20, context=context)
+    assert all(any(item.paragraph.startswith(c.split()[0]) for c in context) for item in items)
+    result = score(items, lambda text: redact(text).text)
+    assert result.removed_share >= 0.99 and result.altered_share <= 0.01, result.table()
 
 
 def test_config_is_checked():

@@ -21,7 +21,7 @@ import re
 import string
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import phonenumbers
@@ -35,6 +35,9 @@ _WORDS = (
     "meeting while notes from earlier drafts remain attached below for anyone who needs context "
     "about this matter our records show it was updated recently please see"
 ).split()
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_PLAIN_SENTENCE = re.compile(r"(?:[^\W\d_]|[ ,;'()-])+[.!?]")  # letters of any script, spaces, plain punctuation
 
 
 @dataclass(frozen=True)
@@ -300,25 +303,41 @@ LOOKALIKE_MAKERS: dict[str, Callable[[random.Random], str]] = {
 }
 
 
-def _paragraph(rng: random.Random, value: str) -> str:
-    words = lambda n: " ".join(rng.choice(_WORDS) for _ in range(n))  # noqa: E731
+def _paragraph(rng: random.Random, value: str, context: Sequence[str] | None) -> str:
     after = rng.choice(["", "", ",", ";", " -"])
-    return f"{words(rng.randint(3, 9)).capitalize()} {value}{after} {words(rng.randint(3, 9))}."
+    if context:  # a real sentence, cut at a word boundary around the value
+        words = rng.choice(context).split()
+        cut = rng.randint(1, len(words) - 1)
+        return f"{' '.join(words[:cut])} {value}{after} {' '.join(words[cut:])}"
+    filler = lambda n: " ".join(rng.choice(_WORDS) for _ in range(n))  # noqa: E731
+    return f"{filler(rng.randint(3, 9)).capitalize()} {value}{after} {filler(rng.randint(3, 9))}."
 
 
-def make_items(seed: int = 0, per_kind: int = 60) -> list[Item]:
-    """``per_kind`` items of every PII kind and look-alike class, shuffled."""
+def context_sentences(texts: Iterable[str], min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Sentences of ``texts`` fit to carry an item: letters and plain punctuation only (no digits,
+    ``@``, ``:``, ``_`` or ``=``), so the carrier itself never holds anything a detector may match."""
+    found = []
+    for text in texts:
+        for sentence in _SENTENCE_END.split(" ".join(text.split())):
+            if _PLAIN_SENTENCE.fullmatch(sentence) and min_words <= len(sentence.split()) <= max_words:
+                found.append(sentence)
+    return found
+
+
+def make_items(seed: int = 0, per_kind: int = 60, context: Sequence[str] | None = None) -> list[Item]:
+    """``per_kind`` items of every PII kind and look-alike class, shuffled. Each sits in filler
+    words, or, given ``context`` (sentences from ``context_sentences``), inside a real sentence."""
     rng = random.Random(seed)
     items = []
     for kind, make in PII_MAKERS.items():
         for _ in range(per_kind):
             made = make(rng)
             placed, hidden = made if isinstance(made, tuple) else (made, made)
-            items.append(Item(kind, _paragraph(rng, placed), hidden, True))
+            items.append(Item(kind, _paragraph(rng, placed, context), hidden, True))
     for kind, make in LOOKALIKE_MAKERS.items():
         for _ in range(per_kind):
             value = make(rng)
-            items.append(Item(kind, _paragraph(rng, value), value, False))
+            items.append(Item(kind, _paragraph(rng, value, context), value, False))
     rng.shuffle(items)
     return items
 
