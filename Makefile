@@ -1,4 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Both create .venv when missing.
+# `make services` / `make demo-on-services` / `make services-down`: the same pipeline against
+# a Prefect server + worker, an MLflow server and a 2-node Ray cluster on this machine.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +15,10 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test clean
+# Where `make services` keeps its state and the env file it writes (deployments/services.py).
+SERVICES_ENV = $${CRUCIBLE_HOME:-.crucible}/services/env
+
+.PHONY: install demo test clean services services-down demo-on-services
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +35,19 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest
+
+services: install
+	$(PY) -m deployments.services up
+
+services-down:
+	$(PY) -m deployments.services down
+
+# The demo as an operator runs it: the full-pipeline deployment (demo config by default),
+# triggered through the Prefect API and run by the worker against the services.
+demo-on-services: install
+	@test -f "$(SERVICES_ENV)" || { echo "no $(SERVICES_ENV): run 'make services' first"; exit 1; }
+	$(VENV)/bin/crucible demo-data .crucible/demo-data
+	. "$(SERVICES_ENV)" && $(VENV)/bin/prefect deployment run pipeline/full-pipeline --watch
 
 clean:
 	rm -rf .crucible
