@@ -92,3 +92,10 @@ class StageDir:
         """Remove the folder (a forced rerun starts from nothing)."""
         if self.fs.get_file_info(self.root).type != pafs.FileType.NotFound:
             self.fs.delete_dir(self.root)
+
+
+def read_text(uri: str) -> str:
+    """The UTF-8 text of the file at ``uri``: a local path or an object-store URI."""
+    fs, path = _split(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode("utf-8")

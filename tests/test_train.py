@@ -23,7 +23,7 @@ from models.flops import matmul_parameter_count, parameter_count, training_flops
 from models.presets import PRESETS, build_model, model_config
 from tasks.data.tokenize import TokenShards
 from tasks.tracking import RunLogger, start_run
-from tasks.train.data import GlobalOrder, PackedSequences, micro_batch_position, validation_indices
+from tasks.train.data import GlobalOrder, PackedSequences, micro_batch_position, validation_indices, validation_rows
 from tasks.train.loop import FAULT_ENV, TrainJob, run_training
 from tasks.train.objectives import NextToken
 from tasks.train.optim import warmup_cosine
@@ -203,6 +203,6 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(setup, ddp, monkeypatc
 
     # The export gathers FSDP's shards: the HF model reproduces the reported validation loss.
     model = AutoModelForCausalLM.from_pretrained(setup["root"] / "fsdp-killed" / "model").eval()
-    rows = setup["val"].collate(np.arange(2 * 2 * 8))["input_ids"]  # what 2 workers x 2 batches of 8 saw
+    rows = setup["val"].collate(validation_rows(len(setup["val"]), 2 * 2 * 8))["input_ids"]  # what 2 workers x 2 batches of 8 saw
     with torch.no_grad():
         assert model(input_ids=rows, labels=rows).loss.item() == pytest.approx(outcome.metrics["val/loss"], abs=1e-4)
