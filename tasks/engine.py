@@ -24,7 +24,7 @@ from tasks.errors import StageError
 from tasks.ray_runtime import ensure_ray
 from tasks.registry import STAGE_ORDER, STAGES
 from tasks.stage import Manifest, StageContext
-from tasks.store import MANIFEST, StageDir
+from tasks.store import MANIFEST, StageDir, read_text
 from tasks.tracking import RunLogger, end_run, git_commit, start_run, tracking_uri
 
 try:
@@ -134,7 +134,11 @@ def run_stage(
         log = RunLogger(run_id, uri)
         log.log_params(config.section(name).model_dump(mode="json"))
         end_run(uri, run_id)
-        return StageOutcome(stage=name, state="cached", manifest=existing, duration_s=time.monotonic() - started, mlflow_run_id=run_id)
+        report = read_text(me.out.path("report.md")) if me.out.exists("report.md") else ""
+        return StageOutcome(
+            stage=name, state="cached", manifest=existing, duration_s=time.monotonic() - started,
+            mlflow_run_id=run_id, report=report,
+        )
 
     inputs = dict(upstream or {})
     for up in me.upstream:

@@ -59,10 +59,11 @@ def test_pipeline_flow_runs_the_whole_chain_then_skips(tiny, ray_session, capsys
     assert [o.manifest for o in third][1:] == [o.manifest for o in first][1:]
 
     with get_client(sync_client=True) as client:
-        latest = {a.key: a for a in client.read_artifacts()}
+        latest = {a.key: a for a in sorted(client.read_artifacts(), key=lambda a: a.created)}
     assert latest["tiny-pipeline"].type == "table"
     assert "evaluate" in str(latest["tiny-pipeline"].data)
     assert latest["tiny-ingest"].type == "markdown"
+    assert latest["tiny-ingest"].data.startswith("# ingest — cached")  # the cached rerun's page keeps the stage's report
     assert "Ingested **52** documents" in latest["tiny-ingest"].data
 
     capsys.readouterr()
