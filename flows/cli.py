@@ -42,15 +42,19 @@ def status_report(config_path: str) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tasks.engine import plan, select_stages
+    from tasks.engine import plan, run_pipeline, select_stages
 
     config = load_config(args.config)
-    select_stages(config, args.from_stage, args.until_stage)
-    plan(config)  # every config and input error surfaces here, before Prefect or Ray start
-    from flows.pipeline import pipeline
-
+    selected = select_stages(config, args.from_stage, args.until_stage)
+    planned = plan(config)  # every config and input error surfaces here, before Prefect or Ray start
     started = time.monotonic()
-    outcomes = pipeline(config=config, from_stage=args.from_stage, until_stage=args.until_stage, force=args.force or None)
+    if args.from_stage or args.force or not all(planned[s].manifest() for s in selected):
+        from flows.pipeline import pipeline
+
+        outcomes = pipeline(config=config, from_stage=args.from_stage, until_stage=args.until_stage, force=args.force or None)
+    else:  # nothing to run: the MLflow tree records the cached run; no Prefect server is started for it
+        print(f"Every selected stage of '{config.name}' is complete: nothing to run (Prefect not started).")
+        outcomes = run_pipeline(config, until_stage=args.until_stage)
     ran = [o.stage for o in outcomes if o.state == "ran"]
     cached = [o.stage for o in outcomes if o.state == "cached"]
     print(f"\nPipeline '{config.name}' finished in {time.monotonic() - started:.1f}s: "

@@ -25,7 +25,7 @@ from tasks.ray_runtime import ensure_ray
 from tasks.registry import STAGE_ORDER, STAGES
 from tasks.stage import Manifest, StageContext
 from tasks.store import MANIFEST, StageDir, read_text
-from tasks.tracking import RunLogger, end_run, git_commit, start_run, tracking_uri
+from tasks.tracking import RunLogger, deliver_spool, git_commit, start_run, tracking_uri
 
 try:
     CRUCIBLE_VERSION = version("crucible")
@@ -133,7 +133,7 @@ def run_stage(
         })
         log = RunLogger(run_id, uri)
         log.log_params(config.section(name).model_dump(mode="json"))
-        end_run(uri, run_id)
+        log.close()
         report = read_text(me.out.path("report.md")) if me.out.exists("report.md") else ""
         return StageOutcome(
             stage=name, state="cached", manifest=existing, duration_s=time.monotonic() - started,
@@ -183,16 +183,15 @@ def run_stage(
         )
         me.out.write_bytes_atomic(MANIFEST, manifest.model_dump_json(indent=2).encode())
     except BaseException:
-        log.flush()
-        end_run(uri, run_id, "FAILED")
+        log.close("FAILED")
         raise
     counters = {f"count.{k}": v for k, v in result.counts.items()}
     sizes = {k: v for k, v in (("rows", result.rows), ("tokens", result.tokens)) if v is not None}
     log.log_metrics({**result.metrics, **counters, **sizes, "duration_s": time.monotonic() - started})
     log.log_dict(manifest.model_dump(mode="json"), "manifest.json")
     log.log_text(result.report, "report.md")
-    log.flush()
-    end_run(uri, run_id)
+    log.close()
+    deliver_spool()  # what training workers spilled during an outage, now that the server may be back
     return StageOutcome(
         stage=name, state="ran", manifest=manifest, duration_s=time.monotonic() - started,
         mlflow_run_id=run_id, report=result.report,
@@ -247,6 +246,7 @@ def run_pipeline(
         force |= set(selected)
     planned = plan(config)
     uri = tracking_uri(config.tracking.uri)
+    deliver_spool()  # calls an earlier run could not deliver
     parent = start_run(uri, _experiment(config), f"{config.name}-pipeline", None, {
         "crucible.version": CRUCIBLE_VERSION, "crucible.git_commit": git_commit(),
         "crucible.stages": ",".join(selected), "crucible.kind": "pipeline",
@@ -263,13 +263,12 @@ def run_pipeline(
         except BaseException:
             if on_outcome:
                 on_outcome(name, "failed", None, time.monotonic() - began)
-            end_run(uri, parent, "FAILED")
+            parent_log.close("FAILED")
             raise
         manifests[name] = outcome.manifest
         outcomes.append(outcome)
         if on_outcome:
             on_outcome(name, outcome.state, outcome, outcome.duration_s)
     parent_log.log_metrics({"stages_ran": sum(o.state == "ran" for o in outcomes), "stages_cached": sum(o.state == "cached" for o in outcomes)})
-    parent_log.flush()
-    end_run(uri, parent)
+    parent_log.close()
     return outcomes

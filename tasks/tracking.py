@@ -3,19 +3,21 @@
 Everything goes through ``MlflowClient`` with explicit run ids (no global "active run"), so
 the same ``RunLogger`` works in the flow process and inside Ray workers (rank 0 only).
 A tracking outage never kills a stage: calls warn once, buffer, and are replayed in order
-on the next call that reaches the server, or on ``flush()``.
+on the next call that reaches the server, or on ``flush()``; a process that ends while the
+server is still away spills its buffer to the spool, delivered by a later stage or run.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tasks.paths import state_dir
 
@@ -83,41 +85,46 @@ class RunLogger:
     """Logs to one MLflow run; never raises because tracking is down.
 
     ``RunLogger(None, …)`` is a logger that records nothing (e.g. on non-zero ranks).
+    Calls are kept as plain records, so a logger whose process is about to end while the
+    server is away can ``spill()`` them to the spool (``$CRUCIBLE_HOME/mlflow-spool``), from
+    which ``deliver_spool`` sends them once the server is back (every stage end and every
+    pipeline start tries).
     """
 
-    def __init__(self, run_id: str | None, uri: str | None = None):
+    def __init__(self, run_id: str | None, uri: str | None = None, spool: str | Path | None = None):
         self.run_id = run_id
         self.uri = uri or tracking_uri()
-        self._pending: list[tuple[str, Callable[[], Any]]] = []
+        self.spool = Path(spool) if spool else spool_dir()
+        self._pending: list[dict[str, Any]] = []
         self._warned = False
 
     def __getstate__(self) -> dict:  # travels to Ray workers without its buffer
-        return {"run_id": self.run_id, "uri": self.uri}
+        return {"run_id": self.run_id, "uri": self.uri, "spool": str(self.spool)}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["run_id"], state["uri"])
+        self.__init__(state["run_id"], state["uri"], state["spool"])
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> None:
+    def _call(self, record: dict[str, Any]) -> None:
         if self.run_id is None:
             return
-        self._pending.append((what, fn))
+        self._pending.append(record)
         self.flush()
 
     def flush(self) -> bool:
         """Replay buffered calls in order; True when nothing is left."""
         while self._pending:
-            what, fn = self._pending[0]
+            record = self._pending[0]
             try:
-                fn()
+                _send(_client(self.uri), self.run_id, record)
             except Exception as exc:  # noqa: BLE001 - any tracking failure is survivable
                 if not self._warned:
                     warnings.warn(
                         f"MLflow unreachable at {self.uri} ({type(exc).__name__}: {exc}); "
-                        f"buffering {what} and later calls until it returns",
+                        f"buffering {record['kind']} and later calls until it returns",
                         RuntimeWarning,
                         stacklevel=3,
                     )
@@ -129,44 +136,106 @@ class RunLogger:
             self._warned = False
         return True
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
+    def spill(self) -> Path | None:
+        """Write what could not be delivered to the spool (this process is ending); None if nothing was left."""
+        if self.run_id is None or self.flush():
+            return None
+        self.spool.mkdir(parents=True, exist_ok=True)
+        path = self.spool / f"{time.time_ns()}-{os.getpid()}-{self.run_id}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"run_id": self.run_id, "uri": self.uri, **r}) + "\n" for r in self._pending))
+        tmp.replace(path)
+        warnings.warn(f"MLflow still unreachable at {self.uri}: {len(self._pending)} calls kept in {path}", RuntimeWarning)
+        self._pending.clear()
+        return path
 
+    def close(self, status: str = "FINISHED") -> None:
+        """Deliver everything, then mark the run ended; spill both if the server is away."""
+        self._call({"kind": "end", "status": status})
+        self.spill()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         stamp = int(time.time() * 1000)
-        batch = [Metric(k, float(v), stamp, step or 0) for k, v in metrics.items()]
-        run_id = self.run_id
-        self._call("metrics", lambda: _client(self.uri).log_batch(run_id, metrics=batch))
+        self._call({"kind": "metrics", "metrics": [[k, float(v), stamp, step or 0] for k, v in metrics.items()]})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        flat = [Param(k, v) for k, v in flatten(params).items()]
-        run_id = self.run_id
-
-        def send() -> None:
-            for i in range(0, len(flat), 100):
-                _client(self.uri).log_batch(run_id, params=flat[i : i + 100])
-
-        self._call("params", send)
+        self._call({"kind": "params", "params": flatten(params)})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        batch = [RunTag(k, str(v)) for k, v in tags.items()]
-        run_id = self.run_id
-        self._call("tags", lambda: _client(self.uri).log_batch(run_id, tags=batch))
+        self._call({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        run_id = self.run_id
-        self._call("artifact", lambda: _client(self.uri).log_artifact(run_id, str(local_path), artifact_path))
+        self._call({"kind": "artifact", "path": str(local_path), "artifact_path": artifact_path})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        run_id = self.run_id
-        self._call("text", lambda: _client(self.uri).log_text(run_id, text, artifact_file))
+        self._call({"kind": "text", "text": text, "file": artifact_file})
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        run_id = self.run_id
-        self._call("dict", lambda: _client(self.uri).log_dict(run_id, data, artifact_file))
+        self._call({"kind": "dict", "data": data, "file": artifact_file})
+
+
+def _send(client: Any, run_id: str, record: dict[str, Any]) -> None:
+    """One buffered call, as the MLflow client method it stands for."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    kind = record["kind"]
+    if kind == "metrics":
+        client.log_batch(run_id, metrics=[Metric(*m) for m in record["metrics"]])
+    elif kind == "params":
+        params = [Param(k, v) for k, v in record["params"].items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i : i + 100])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+    elif kind == "artifact":
+        if not Path(record["path"]).exists():  # a temporary file gone before the server came back
+            warnings.warn(f"artifact {record['path']} for run {run_id} no longer exists; not logged", RuntimeWarning)
+            return
+        client.log_artifact(run_id, record["path"], record["artifact_path"])
+    elif kind == "text":
+        client.log_text(run_id, record["text"], record["file"])
+    elif kind == "dict":
+        client.log_dict(run_id, record["data"], record["file"])
+    elif kind == "end":
+        client.set_terminated(run_id, status=record["status"])
+    else:
+        raise ValueError(f"unknown tracking record kind '{kind}'")
+
+
+def spool_dir() -> Path:
+    return state_dir() / "mlflow-spool"
+
+
+def deliver_spool(spool: Path | None = None) -> int:
+    """Send spilled calls, oldest file first; returns how many were delivered.
+
+    A file is claimed by renaming it, so two processes never deliver it twice; what is still
+    undeliverable is written back under a new name, in order.
+    """
+    spool = spool or spool_dir()
+    delivered = 0
+    for path in sorted(spool.glob("*.jsonl")) if spool.is_dir() else []:
+        claimed = path.with_name(f"{path.stem}.claimed-{os.getpid()}")
+        try:
+            path.rename(claimed)
+        except FileNotFoundError:
+            continue  # another process took it
+        records = [json.loads(line) for line in claimed.read_text().splitlines() if line.strip()]
+        done = 0
+        for record in records:
+            try:
+                _send(_client(record["uri"]), record["run_id"], record)
+            except Exception:  # noqa: BLE001 - still away: keep the rest for next time
+                break
+            done += 1
+        if done < len(records):
+            left = spool / f"{path.stem}.left.jsonl"
+            left.write_text("".join(json.dumps(r) + "\n" for r in records[done:]))
+        claimed.unlink()
+        delivered += done
+        if done < len(records):
+            break
+    return delivered
 
 
 def start_run(uri: str, experiment: str, name: str, parent_run_id: str | None, tags: Mapping[str, Any]) -> str | None:
@@ -183,12 +252,3 @@ def start_run(uri: str, experiment: str, name: str, parent_run_id: str | None, t
         warnings.warn(f"MLflow unreachable at {uri}: run '{name}' is not tracked ({exc})", RuntimeWarning)
         return None
     return run.info.run_id
-
-
-def end_run(uri: str, run_id: str | None, status: str = "FINISHED") -> None:
-    if run_id is None:
-        return
-    try:
-        _client(uri).set_terminated(run_id, status=status)
-    except Exception as exc:  # noqa: BLE001
-        warnings.warn(f"MLflow unreachable at {uri}: run {run_id} not closed ({exc})", RuntimeWarning)

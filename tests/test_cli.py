@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from flows.cli import main, status_report
 from tasks.config import load_config
 from tasks.engine import run_pipeline

@@ -124,24 +124,26 @@ def test_evaluate_stage_end_to_end(checkpoints, tmp_path, tmp_home, ray_session)
     m = result.metrics
     assert m["eval.pretrain.text.bpb"] < m["eval.random.text.bpb"]  # trained on this text: compresses it better
     assert m["eval.pretrain.text.bpb.prose"] < m["eval.random.text.bpb.prose"]
-    for model in ("pretrain", "random"):
+    assert m["eval.pretrain.text.bpb"] < m["eval.untrained.text.bpb"]  # the built-in floor: same architecture, seeded weights
+    assert m["eval.untrained.text.bpb"] != m["eval.random.text.bpb"]
+    for model in ("untrained", "pretrain", "random"):
         for key in ("text.ppl.code", "mc.acc", "mc.acc_char", "mc.acc_token", "math.exact_match",
                     "math.exact_match_sampled", "math.maj_at_2", "code.pass_at_1", "code.pass_at_2",
                     "safety.refusal_rate", "safety.over_refusal_rate", "duel.elo", "duel.win_rate", "duel.reward"):
             assert f"eval.{model}.{key}" in m, key
-    assert m["eval.pretrain.duel.elo"] + m["eval.random.duel.elo"] == pytest.approx(2000.0)
-    assert result.counts["models"] == 2
+    assert sum(m[f"eval.{model}.duel.elo"] for model in ("untrained", "pretrain", "random")) == pytest.approx(3000.0)
+    assert result.counts["models"] == 3
 
     scores = json.loads(Path(out.path("scores.json")).read_text())
     assert scores["pretrain"]["code/pass@1"] == m["eval.pretrain.code.pass_at_1"]
     code_samples = [json.loads(line) for line in Path(out.path("samples/pretrain/code.jsonl")).read_text().splitlines()]
     assert len(code_samples) == 4 and all(s["status"] in {"passed", "failed", "timeout", "memory_limit", "crashed"} for s in code_samples)
     games = Path(out.path("pairwise/duel.jsonl")).read_text().splitlines()
-    assert len(games) == 3  # three prompts, one pair of models
+    assert len(games) == 9  # three prompts, three pairs of models
     assert all("reward" in json.loads(line) for line in Path(out.path("samples/random/duel.jsonl")).read_text().splitlines())
     assert Path(out.path("training_curves.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    assert "| metric | pretrain | random |" in result.report
+    assert "| metric | untrained | pretrain (vs untrained) | random |" in result.report
     assert "| text/bpb ↓ |" in result.report and "![training curves](training_curves.png)" in result.report
     assert Path(out.path("report_card.md")).read_text() == result.report
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(eval_run)}

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
@@ -16,6 +17,7 @@ from flows.pipeline import pipeline, rerun_stage
 from flows.stages import STAGE_FLOWS
 from tasks.config import PipelineConfig, load_config
 from tasks.registry import STAGES
+from tasks.tracking import tracking_uri
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,9 +69,20 @@ def test_pipeline_flow_runs_the_whole_chain_then_skips(tiny, ray_session, capsys
     assert "Ingested **52** documents" in latest["tiny-ingest"].data
 
     capsys.readouterr()
+    with get_client(sync_client=True) as client:
+        flow_runs = len(client.read_flow_runs())
     assert cli.main(["run", "configs/tiny.yaml"]) == 0  # the CLI's run ends with the summary and the report card
     printed = capsys.readouterr().out
     assert f"ran 0 (-), cached {len(first)}" in printed and out["evaluate"].path in printed
+    assert "nothing to run (Prefect not started)" in printed
+    with get_client(sync_client=True) as client:
+        assert len(client.read_flow_runs()) == flow_runs  # all complete: the CLI skipped the flow, MLflow still records it
+    mlflow = MlflowClient(tracking_uri(tiny.tracking.uri))
+    parents = mlflow.search_runs(
+        [mlflow.get_experiment_by_name(tiny.name).experiment_id],
+        filter_string="tags.`crucible.kind` = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    assert parents[0].data.metrics["stages_cached"] == len(first)
     card = open(f"{out['evaluate'].path}/report_card.md").read()
     assert printed.rstrip().endswith(card.rstrip()) and card.startswith("## Report card")
 

@@ -13,7 +13,6 @@ from tasks.config import validate_config
 from tasks.data import pii
 from tasks.data.pii_detect import PiiKind, RedactOptions, redact
 from tasks.data.pii_mix import context_sentences, make_items, score
-from tasks.errors import ConfigError
 from tasks.stage import Stage
 
 REPLACED = [

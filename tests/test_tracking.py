@@ -1,4 +1,4 @@
-"""Fail-soft MLflow logging: an outage warns and buffers; calls are replayed when it returns."""
+"""Fail-soft MLflow logging: an outage warns and buffers; calls are replayed when it returns, from the spool if their process ended."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 
 import pytest
 from mlflow import MlflowClient
 
-from tasks.tracking import RunLogger, experiment_id, flatten
+from tasks.tracking import RunLogger, deliver_spool, experiment_id, flatten
 
 
 def free_port() -> int:
@@ -85,3 +86,42 @@ def test_logger_works_from_a_ray_worker(tmp_path, ray_session):
 
     assert ray_session.get([train.remote(RunLogger(run_id, db), r) for r in range(2)]) == [0, 0]
     assert [m.step for m in local.get_metric_history(run_id, "loss")] == [0, 1, 2]
+
+
+def test_a_worker_ending_during_an_outage_spills_and_a_later_call_delivers(tmp_path, ray_session):
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    local = MlflowClient(db)
+    run_id = local.create_run(experiment_id(db, "spool")).info.run_id
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    spool = tmp_path / "spool"
+
+    @ray_session.remote
+    def train(log: RunLogger) -> int:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(3):
+                log.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+            log.spill()  # what the training loop does as the worker ends
+        return log.pending
+
+    assert ray_session.get(train.remote(RunLogger(run_id, url, spool=spool))) == 0
+    with pytest.warns(RuntimeWarning, match="kept in"):
+        RunLogger(run_id, url, spool=spool).close()  # the driver ends the run: that call waits too
+    assert len(list(spool.glob("*.jsonl"))) == 2
+    assert deliver_spool(spool) == 0 and len(list(spool.glob("*.jsonl"))) == 2  # still away: nothing lost
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", db, "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_until_up(url)
+        assert deliver_spool(spool) == 4  # three metric batches, then the end of the run
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    assert [(m.step, m.value) for m in local.get_metric_history(run_id, "loss")] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
+    assert local.get_run(run_id).info.status == "FINISHED"
+    assert list(spool.iterdir()) == []

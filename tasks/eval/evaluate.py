@@ -1,7 +1,9 @@
 """``evaluate``: every model the run produced, plus baselines, through the same suites; the report card.
 
-Models: the ``model/`` folders of the configured ``pretrain``, ``sft`` and ``align`` stages
-(``models`` narrows the list) and any local Hugging Face checkpoints named under ``baselines``.
+Models: an ``untrained`` model (the pretrain architecture and tokenizer with freshly seeded
+weights: the floor every trained model must beat), the ``model/`` folders of the configured
+``pretrain``, ``sft`` and ``align`` stages (``models`` narrows the list) and any local Hugging
+Face checkpoints named under ``baselines``.
 Each model is evaluated in its own Ray task (``num_cpus``/``num_gpus`` each, so a cluster spreads
 them over GPUs); pairwise suites then have every reply scored by the reward model (the ``reward``
 stage's, or ``judge``) and rank the models by Elo.
@@ -42,6 +44,7 @@ if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs lo
 
 
 MODEL_STAGES = ("pretrain", "sft", "align")  # stages whose model/ is a causal LM to evaluate
+UNTRAINED = "untrained"  # the column of the seeded, untrained pretrain architecture
 UPSTREAM = ("pretrain",)  # declared: always configured with this stage (the config checks the chain)
 OPTIONAL_UPSTREAM = ("sft", "reward", "align")
 CURVE_STAGES = ("pretrain", "sft", "reward", "align")
@@ -67,6 +70,7 @@ class EvaluateConfig(BaseModel):
         None, description="pipeline models to evaluate; default: every one this config trains"
     )
     baselines: list[BaselineModel] = Field(default_factory=list)
+    untrained: bool = Field(True, description="also evaluate the pretrain architecture with fresh (seeded) weights, as the floor")
     judge: str | None = Field(None, description="reward-model folder for pairwise suites; default: the reward stage's model")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
@@ -82,7 +86,7 @@ class EvaluateConfig(BaseModel):
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
                 raise ValueError(f"{what} names must be unique; repeated: {', '.join(repeated)}")
-        clash = sorted({b.name for b in self.baselines} & set(MODEL_STAGES))
+        clash = sorted({b.name for b in self.baselines} & {*MODEL_STAGES, UNTRAINED})
         if clash:
             raise ValueError(f"baseline names must differ from stage names: {', '.join(clash)}")
         return self
@@ -122,7 +126,7 @@ def inputs_digest(cfg: EvaluateConfig, pipeline: Any) -> str:
     missing = sorted(set(cfg.models or ()) - set(configured))
     if missing:
         raise ConfigError("config", [("evaluate.models", f"stage(s) {', '.join(missing)} not configured")])
-    models = len(_model_stages(cfg, configured)) + len(cfg.baselines)
+    models = len(_model_stages(cfg, configured)) + len(cfg.baselines) + int(cfg.untrained)
     if any(isinstance(s, PairwiseSuite) for s in cfg.suites):
         if cfg.judge is None and "reward" not in optional:
             raise ConfigError("config", [("evaluate.suites", "pairwise suites need a reward model: configure the reward stage or set evaluate.judge")])
@@ -139,7 +143,7 @@ def evaluate_model(spec: ModelSpec, suites: list[Any], rows: dict[str, list[Any]
     from tasks.eval.lm import LanguageModel, ModelSpec  # torch: loaded by the workers, not at config load
     from tasks.train.post_stage import materialize
 
-    local = ModelSpec(spec.name, materialize(spec.path), spec.chat, spec.stage)
+    local = ModelSpec(spec.name, materialize(spec.path), spec.chat, spec.stage, spec.init_seed)
     lm = LanguageModel(local, cfg.device, cfg.batch_size, cfg.max_length)
     settings = EvalSettings(seed=cfg.seed, sandbox=cfg.sandbox)
     outputs = {}
@@ -171,11 +175,12 @@ def _remote(cfg: EvaluateConfig, fn, *args):
 
 
 def model_specs(cfg: EvaluateConfig, manifests: dict[str, Manifest]) -> list[ModelSpec]:
-    """Pipeline models (``sft`` and ``align`` are chat models) then baselines: the card's columns."""
+    """The untrained floor, pipeline models (``sft`` and ``align`` are chat models), then baselines: the card's columns."""
     from tasks.eval.lm import ModelSpec
     from tasks.train.post_stage import model_uri
 
-    specs = [ModelSpec(stage, model_uri(manifests[stage]), chat=stage != "pretrain", stage=stage) for stage in _model_stages(cfg, manifests)]
+    specs = [ModelSpec(UNTRAINED, model_uri(manifests["pretrain"]), chat=False, stage=UNTRAINED, init_seed=cfg.seed)] if cfg.untrained else []
+    specs += [ModelSpec(stage, model_uri(manifests[stage]), chat=stage != "pretrain", stage=stage) for stage in _model_stages(cfg, manifests)]
     specs += [ModelSpec(b.name, str(Path(b.path).expanduser()), chat=b.chat) for b in cfg.baselines]
     return specs
 

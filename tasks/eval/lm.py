@@ -36,7 +36,8 @@ class ModelSpec:
     name: str
     path: str
     chat: bool  # prompts go through the chat template
-    stage: str | None = None  # the pipeline stage that produced it; None for a baseline
+    stage: str | None = None  # the pipeline stage that produced it ("untrained" for the floor); None for a baseline
+    init_seed: int | None = None  # set: the folder's architecture with fresh weights from this seed, not its trained ones
 
 
 def resolve_device(device: str) -> torch.device:
@@ -56,6 +57,16 @@ def load_tokenizer(path: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _untrained(path: str, seed: int, dtype: torch.dtype):
+    """The architecture in ``path`` with fresh weights from its own initialiser, seeded: no training at all."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config).to(dtype)
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +91,9 @@ class LanguageModel:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(spec.path)
-        self.model = AutoModelForCausalLM.from_pretrained(spec.path, local_files_only=True, dtype=_dtype(self.device))
+        self.model = _untrained(spec.path, spec.init_seed, _dtype(self.device)) if spec.init_seed is not None else (
+            AutoModelForCausalLM.from_pretrained(spec.path, local_files_only=True, dtype=_dtype(self.device))
+        )
         self.model.to(self.device).eval()
         window = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_length = min(max_length, window) if max_length else window

@@ -31,7 +31,7 @@ def mlflow_name(name: str) -> str:
 
 
 def previous_models(specs: Sequence[ModelSpec]) -> dict[str, str | None]:
-    """Each pipeline model's predecessor in the chain (``sft`` -> ``pretrain``); baselines have none."""
+    """Each pipeline model's predecessor in the chain (``pretrain`` -> ``untrained``, ``sft`` -> ``pretrain``); baselines have none."""
     previous: dict[str, str | None] = {}
     last: str | None = None
     for spec in specs:

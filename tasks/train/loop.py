@@ -286,7 +286,7 @@ def train_worker(payload: dict[str, Any]) -> None:
         if dist.is_initialized():
             dist.barrier()
     if logger is not None:
-        logger.flush()
+        logger.spill()  # the worker ends here: what MLflow has not taken yet goes to the spool
 
 
 # ---------------------------------------------------------------------------------- the driver
