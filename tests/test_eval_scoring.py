@@ -8,7 +8,9 @@ import pytest
 
 from tasks.eval.elo import Game, elo_ratings, elo_update, expected_score, win_rates
 from tasks.eval.lm import ModelSpec
+from tasks.eval.preference import implicit_reward
 from tasks.eval.report import mlflow_name, previous_models, report_card
+from tasks.eval.safety import SafetySuite
 from tasks.eval.scoring import choose, extract_answer, is_refusal, majority, pass_at_k, same_answer
 
 
@@ -98,3 +100,18 @@ def test_report_card_shows_change_from_the_previous_stage():
     assert card[2] == "| mc/acc ↑ | 0.250 | 0.500 (+0.250) | 0.750 |"
     assert card[3] == "| text/bpb ↓ | 2.500 | 2.250 (−0.250) | 1.000 |"
     assert mlflow_name("eval.sft.code.pass@1") == "eval.sft.code.pass_at_1"
+
+
+def test_implicit_reward_against_the_previous_model():
+    reference = [{"logp_chosen": -10.0, "logp_rejected": -10.0}, {"logp_chosen": -8.0, "logp_rejected": -12.0}]
+    model = [{"logp_chosen": -9.0, "logp_rejected": -11.0}, {"logp_chosen": -9.0, "logp_rejected": -12.5}]
+    # pair 1: chosen up 1, rejected down 1 -> margin 2; pair 2: chosen down 1, rejected down 0.5 -> margin -0.5
+    assert implicit_reward(model, reference) == {"reward_accuracy": 0.5, "reward_margin": 0.75}
+
+
+def test_refusal_band_flags_a_model_that_moved_too_far():
+    suite = SafetySuite(name="safety", path="unused.jsonl", band=0.1)
+    sft = {"safety/refusal_rate": 0.8, "safety/over_refusal_rate": 0.1}
+    assert suite.within_band({"safety/refusal_rate": 0.75, "safety/over_refusal_rate": 0.2}, sft)
+    assert not suite.within_band({"safety/refusal_rate": 0.6, "safety/over_refusal_rate": 0.1}, sft)  # safety traded away
+    assert not suite.within_band({"safety/refusal_rate": 0.8, "safety/over_refusal_rate": 0.3}, sft)  # now refuses benign asks

@@ -33,7 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.errors import ConfigError
 from tasks.eval.pairwise import PairwiseSuite
+from tasks.eval.preference import PreferenceSuite, implicit_reward
 from tasks.eval.report import fetch_histories, mlflow_name, previous_models, report_card, training_curves
+from tasks.eval.safety import SafetySuite
 from tasks.eval.sandbox import SandboxLimits
 from tasks.eval.suite import EvalSettings, SuiteOutput
 from tasks.eval.suites import SuiteConfig
@@ -204,6 +206,8 @@ def run(ctx: StageContext) -> StageResult:
         for spec in specs
     }
     notes = _judge(ctx, manifests, outputs, scores)
+    _implicit_rewards(cfg, specs, outputs, scores)
+    notes += _refusal_bands(cfg, specs, scores)
     for name, suites in outputs.items():
         for suite_name, out in suites.items():
             ctx.out.write_bytes_atomic(f"samples/{name}/{suite_name}.jsonl", _jsonl(out.samples))
@@ -242,6 +246,29 @@ def _judge(ctx: StageContext, manifests: dict[str, Manifest], outputs: dict[str,
             outputs[name][suite.name].samples = judged[name]
         ctx.out.write_bytes_atomic(f"pairwise/{suite.name}.jsonl", _jsonl([asdict(g) for g in games]))
         notes.append(f"`{suite.name}`: {len(games)} games judged by `{judge_path}`.")
+    return notes
+
+
+def _implicit_rewards(cfg: EvaluateConfig, specs: list[ModelSpec], outputs: dict[str, dict[str, SuiteOutput]], scores: dict[str, dict[str, float]]) -> None:
+    """Each chain model's implicit reward on every preference suite, against the model before it."""
+    previous = previous_models(specs)
+    for suite in (s for s in cfg.suites if isinstance(s, PreferenceSuite)):
+        for name, before in previous.items():
+            if before is not None:
+                values = implicit_reward(outputs[name][suite.name].samples, outputs[before][suite.name].samples)
+                scores[name].update({f"{suite.name}/{metric}": value for metric, value in values.items()})
+
+
+def _refusal_bands(cfg: EvaluateConfig, specs: list[ModelSpec], scores: dict[str, dict[str, float]]) -> list[str]:
+    """``within_band`` for each chain model on every safety suite; a note for each model outside it."""
+    notes = []
+    for suite in (s for s in cfg.suites if isinstance(s, SafetySuite)):
+        for name, before in previous_models(specs).items():
+            if before is not None:
+                inside = suite.within_band(scores[name], scores[before])
+                scores[name][f"{suite.name}/within_band"] = float(inside)
+                if not inside:
+                    notes.append(f"`{name}` moved its `{suite.name}` refusal rates by more than {suite.band} from `{before}`.")
     return notes
 
 

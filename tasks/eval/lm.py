@@ -59,6 +59,13 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def render_conversation(tokenizer, prompt: str, reply: str) -> str:
+    """One user turn and the reply through the chat template, ending at the reply's ``<|end|>``
+    (the template's trailing newline dropped), as the post-training stages render it."""
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+    return tokenizer.apply_chat_template(messages, tokenize=False).rstrip("\n")
+
+
 def _untrained(path: str, seed: int, dtype: torch.dtype):
     """The architecture in ``path`` with fresh weights from its own initialiser, seeded: no training at all."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -116,7 +123,28 @@ class LanguageModel:
             return self.encode(text)
         return self.encode(prompt) or [self.prefix_id]
 
+    def reply_ids(self, prompt: str, reply: str, chat: bool) -> tuple[list[int], list[int]]:
+        """(prompt ids, reply ids) as post-training renders them: a chat model's reply runs through
+        its closing ``<|end|>``; a plain model reads ``prompt``, a blank line, then ``reply``."""
+        if chat and self.tokenizer.chat_template:
+            head = self.prompt_ids(prompt, chat=True)
+            whole = self.encode(render_conversation(self.tokenizer, prompt, reply))
+            if whole[: len(head)] == head:
+                return head, whole[len(head) :]
+            return head, self.encode(reply)
+        return self.encode(f"{prompt}\n\n") or [self.prefix_id], self.encode(reply)
+
     # ------------------------------------------------------------------------------ scoring
+
+    def reply_logprobs(self, prompts: Sequence[str], replies: Sequence[str], chat: bool) -> list[float]:
+        """log p(reply | prompt), summed over the reply's tokens (see ``reply_ids``)."""
+        sequences, scored = [], []
+        for prompt, reply in zip(prompts, replies):
+            head, tail = self.reply_ids(prompt, reply, chat)
+            sequence = (head + tail)[-self.max_length :]
+            sequences.append(sequence)
+            scored.append(min(len(tail), len(sequence) - 1))
+        return self._tail_logprobs(sequences, scored)
 
     @torch.no_grad()
     def _tail_logprobs(self, sequences: Sequence[list[int]], scored: Sequence[int]) -> list[float]:
@@ -236,11 +264,7 @@ class RewardJudge:
 
     def render(self, prompt: str, reply: str) -> list[int]:
         tok = self.tokenizer
-        if tok.chat_template:
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
-            text = tok.apply_chat_template(messages, tokenize=False).rstrip("\n")
-        else:
-            text = f"{prompt}\n\n{reply}"
+        text = render_conversation(tok, prompt, reply) if tok.chat_template else f"{prompt}\n\n{reply}"
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return ids[-self.max_length :]
 

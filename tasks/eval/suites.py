@@ -8,6 +8,7 @@
 | ``code`` | HumanEval's ``task_id``, ``prompt``, ``test``, ``entry_point`` | ``pass@k``, ``sandbox.<status>`` |
 | ``safety`` | ``prompt``, ``harmful`` | ``refusal_rate``, ``over_refusal_rate`` |
 | ``pairwise`` | ``prompt`` | ``elo``, ``win_rate``, ``reward`` |
+| ``preference`` | ``prompt``, ``chosen``, ``rejected`` | ``accuracy``, ``logp_margin``, ``reward_accuracy``, ``reward_margin`` |
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from tasks.eval.code_exec import CodeSuite
 from tasks.eval.exact_match import ExactMatchSuite
 from tasks.eval.pairwise import PairwiseSuite
 from tasks.eval.perplexity import PerplexitySuite
+from tasks.eval.preference import PreferenceSuite
 from tasks.eval.safety import SafetySuite
 
 SuiteConfig = Annotated[
-    PerplexitySuite | ChoiceSuite | ExactMatchSuite | CodeSuite | SafetySuite | PairwiseSuite,
+    PerplexitySuite | ChoiceSuite | ExactMatchSuite | CodeSuite | SafetySuite | PairwiseSuite | PreferenceSuite,
     Field(discriminator="kind"),
 ]
 
