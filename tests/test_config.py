@@ -116,6 +116,21 @@ def test_duplicate_source_names(tmp_path):
         load_config(path)
 
 
+def test_html_option_and_formats_are_explained(tmp_path):
+    path = write(tmp_path, """
+        name: t
+        ingest:
+          sources:
+            - {name: a, path: x.html, format: text, html: true, domain: web}
+            - {name: b, path: y.htm, format: htm, domain: web}
+    """)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    found = problems(err.value)
+    assert found["ingest.sources[0]"] == "html: true is for jsonl and parquet text fields; for HTML files use format: html, not text"
+    assert found["ingest.sources[1].format"] == "Input should be 'jsonl', 'parquet', 'text', 'html' or 'warc'"
+
+
 def test_unimplemented_stage_is_refused(tmp_path, monkeypatch):
     monkeypatch.delitem(registry.STAGES, "evaluate", raising=False)  # as before the stage existed
     path = write(tmp_path, """

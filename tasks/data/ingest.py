@@ -2,9 +2,14 @@
 
 One Ray Data task per input file streams it row by row into one Parquet shard
 (``documents/{source}-{n}.parquet``). Rows that cannot be used (malformed JSON, invalid UTF-8,
-missing/empty/non-string text, a repeated id) go to ``quarantine/`` with the file, the line and
-the error: they are counted and reported, never fatal, and never take a valid row with them.
-Shards are written atomically, so a rerun after a crash reuses every finished shard.
+missing/empty/non-string text, a repeated id, a web page with no main text) go to ``quarantine/``
+with the file, the line (or WARC record) and the error: they are counted and reported, never
+fatal, and never take a valid row with them. WARC records that are not 2xx HTML responses are
+skipped and counted. Shards are written atomically, so a rerun after a crash reuses every
+finished shard.
+
+Web pages (``format: html``, ``format: warc``, or ``html: true`` on a jsonl/parquet text field) keep
+trafilatura's main-content extraction, in the Ray task that reads the file, like every format.
 """
 
 from __future__ import annotations
@@ -12,16 +17,18 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
 from collections.abc import Iterator
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.errors import ConfigError
 from tasks.stage import Stage, StageContext, StageResult
@@ -40,6 +47,12 @@ QUARANTINE_SCHEMA = pa.schema(
     [("source", pa.string()), ("file", pa.string()), ("line", pa.int64()), ("error", pa.string()), ("raw", pa.string())]
 )
 RAW_PREVIEW = 500
+BINARY_SNIFF = 8192  # leading bytes of a web page searched for NULs, which no text page holds
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+# A reader yields this for a record that is not a document by design (a WARC image response):
+# counted as skipped, not quarantined, since nothing in it was ever meant to be text.
+SKIPPED = object()
+TALLIES = ("rows", "quarantined", "skipped")  # what each file's task counts, in this order
 
 
 class Source(BaseModel):
@@ -49,11 +62,20 @@ class Source(BaseModel):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="short unique name; prefixes every id")
     path: str = Field(..., description="file, glob (`data/**/*.jsonl`) or URI (`s3://bucket/web/*.parquet`)")
-    format: Literal["jsonl", "parquet", "text"] = "jsonl"
+    format: Literal["jsonl", "parquet", "text", "html", "warc"] = Field(
+        "jsonl", description="html: one web page per file; warc: the HTML responses of a web crawl"
+    )
     text_field: str = Field("text", description="field/column holding the text (jsonl, parquet)")
+    html: bool = Field(False, description="the text field holds a web page's HTML: keep its main text (jsonl, parquet)")
     id_field: str | None = Field(None, description="field with a unique id; default: file and line")
     url_field: str | None = Field("url", description="field with the document's URL, if any")
     domain: str = Field(..., description="domain label used for filtering and mixing, e.g. web, code")
+
+    @model_validator(mode="after")
+    def _html_is_for_fields(self) -> Source:
+        if self.html and self.format not in ("jsonl", "parquet"):
+            raise ValueError(f"html: true is for jsonl and parquet text fields; for HTML files use format: html, not {self.format}")
+        return self
 
 
 class IngestConfig(BaseModel):
@@ -156,16 +178,70 @@ def _document(source: Source, fallback_id: str, record: dict[str, Any]) -> dict[
     else:
         doc_id = f"{source.name}/{fallback_id}"
     url = record.get(source.url_field) if source.url_field else None
+    url = url if isinstance(url, str) else None
+    if source.html:
+        text, page_url = _extract_page(text.encode("utf-8", errors="replace"))
+        url = url or page_url
     used = {source.text_field, source.id_field, source.url_field}
     rest = {k: v for k, v in record.items() if k not in used}
+    return _row(source, doc_id, text, url, rest)
+
+
+def _row(source: Source, doc_id: str, text: str, url: str | None, rest: dict[str, Any] | None) -> dict[str, Any]:
+    """One row of ``DOCUMENT_SCHEMA``; ``rest`` (the input's other fields) is kept as JSON."""
     return {
         "id": doc_id,
         "text": text,
         "source": source.name,
         "domain": source.domain,
-        "url": url if isinstance(url, str) else None,
+        "url": url,
         "meta": json.dumps(rest, default=str, ensure_ascii=False) if rest else None,
     }
+
+
+def _extract_page(page: bytes) -> tuple[str, str | None]:
+    """A web page's main text and its own URL (canonical link, else og:url); BadRow saying why not.
+
+    trafilatura keeps the main content and drops navigation, headers, footers and other
+    boilerplate. Readers' comments are left out (other authors, mostly short and noisy), and so
+    are tables: on the web most are layout or data grids whose cells read as broken sentences.
+    """
+    from trafilatura import bare_extraction, load_html  # a 0.6 s import only HTML sources pay
+
+    preview = page[: RAW_PREVIEW * 4].decode("utf-8", errors="replace")
+    if not page.strip():
+        raise BadRow("empty page", preview)
+    if b"\x00" in page[:BINARY_SNIFF]:
+        raise BadRow("binary content (NUL bytes), not an HTML page", preview)
+    tree = load_html(page)
+    if tree is None:
+        raise BadRow("not an HTML page: no document tree could be parsed", preview)
+    url = _page_url(tree)
+    extracted = bare_extraction(tree, include_comments=False, include_tables=False)
+    if extracted is None or not extracted.text.strip():
+        raise BadRow("no main text: the page is empty or all boilerplate", preview)
+    return extracted.text, url
+
+
+def _page_url(tree: Any) -> str | None:
+    """The absolute http(s) URL the page gives for itself: ``<link rel=canonical>``, else og:url.
+    A relative one is dropped: without knowing where the page came from it cannot be resolved."""
+    for xpath in ('//link[@rel="canonical"]/@href', '//meta[@property="og:url"]/@content'):
+        for value in tree.xpath(xpath):
+            parts = urlsplit(value.strip())
+            if parts.scheme in ("http", "https") and parts.netloc:
+                return value.strip()
+    return None
+
+
+def _page_document(source: Source, key: str, page: bytes, url: str | None) -> Any:
+    """A whole web page (an HTML file, a WARC response) as a document, or the BadRow saying why not.
+    ``url`` (where the page was fetched from) wins over the page's own canonical URL."""
+    try:
+        text, page_url = _extract_page(page)
+    except BadRow as bad:
+        return bad
+    return _row(source, f"{source.name}/{key}", text, url or page_url, None)
 
 
 def _read_jsonl(fs: pafs.FileSystem, path: str, rel: str, source: Source) -> Iterator[tuple[int, Any]]:
@@ -234,7 +310,55 @@ def _read_text(fs: pafs.FileSystem, path: str, rel: str, source: Source) -> Iter
         yield 1, bad
 
 
-READERS = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
+def _read_html(fs: pafs.FileSystem, path: str, rel: str, source: Source) -> Iterator[tuple[int, Any]]:
+    """One web page per file; its id is the file's path, as for text sources."""
+    with fs.open_input_stream(path) as stream:
+        yield 1, _page_document(source, rel, stream.read(), None)
+
+
+def _read_warc(fs: pafs.FileSystem, path: str, rel: str, source: Source) -> Iterator[tuple[int, Any]]:
+    """Yield (record number, item) for each WARC record (plain or gzipped). A file that stops being
+    WARC part-way keeps every record before the damage; the damage is one quarantined row."""
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.exceptions import ArchiveLoadFailed
+
+    with fs.open_input_stream(path) as stream:
+        records = ArchiveIterator(stream)
+        for number in itertools.count(1):
+            try:
+                record = next(records, None)
+            except (ArchiveLoadFailed, AttributeError) as exc:
+                # warcio 1.8 raises AttributeError on a record whose damaged headers lost its target URI
+                why = exc if isinstance(exc, ArchiveLoadFailed) else "damaged headers"
+                yield number, BadRow(f"unreadable WARC record: {why}")
+                return
+            if record is None:
+                return
+            yield number, _warc_document(source, f"{rel}:{number}", record)
+
+
+def _warc_document(source: Source, fallback_id: str, record: Any) -> Any:
+    """A 2xx HTML response as a document (id: its WARC-Record-ID, stable across reruns), SKIPPED
+    for any other response (images, PDFs, redirects, errors), None for requests, metadata and the
+    like, which never hold a page."""
+    if record.rec_type != "response":
+        return None
+    if not _is_html_page(record.http_headers):
+        return SKIPPED
+    record_id = (record.rec_headers.get_header("WARC-Record-ID") or fallback_id).strip("<>")
+    return _page_document(source, record_id, record.content_stream().read(), record.rec_headers.get_header("WARC-Target-URI"))
+
+
+def _is_html_page(http: Any) -> bool:
+    """Whether a response's HTTP headers announce a page: a 2xx status and an HTML content type.
+    Missing or damaged headers (warcio then gives None for them) announce nothing."""
+    if http is None:
+        return False
+    content_type = (http.get_header("Content-Type") or "").split(";")[0].strip().lower()
+    return (http.get_statuscode() or "").startswith("2") and content_type in HTML_TYPES
+
+
+READERS = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text, "html": _read_html, "warc": _read_warc}
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -281,12 +405,14 @@ def ingest_file(task: dict[str, Any], cfg: IngestConfig, out_root: str, fs: pafs
     docs_path = f"{out_root}/documents/{shard}"
     if fs.get_file_info(docs_path).type == pafs.FileType.File:
         meta = pq.read_metadata(docs_path, filesystem=fs).metadata or {}
-        return {"source": source.name, "rows": int(meta[b"crucible.rows"]), "quarantined": int(meta[b"crucible.quarantined"]), "reused": True}
+        tallies = {key: int(meta.get(f"crucible.{key}".encode(), 0)) for key in TALLIES}  # shards from before `skipped` lack it
+        return {"source": source.name, **tallies, "reused": True}
 
     src_fs = pafs.FileSystem.from_uri(task["fs_uri"])[0] if task["fs_uri"] else pafs.LocalFileSystem()
     docs = _ShardWriter(fs, docs_path, DOCUMENT_SCHEMA, cfg.row_group_rows)
     bad = _ShardWriter(fs, f"{out_root}/quarantine/{shard}", QUARANTINE_SCHEMA, cfg.row_group_rows)
     seen: set[str] = set()
+    skipped = 0
 
     def quarantine(line: int, error: str, raw: str = "") -> None:
         bad.add({"source": source.name, "file": task["rel"], "line": line, "error": error, "raw": raw[:RAW_PREVIEW]})
@@ -295,7 +421,9 @@ def ingest_file(task: dict[str, Any], cfg: IngestConfig, out_root: str, fs: pafs
         for line, item in READERS[source.format](src_fs, task["path"], task["rel"], source):
             if item is None:
                 continue
-            if isinstance(item, BadRow):
+            if item is SKIPPED:
+                skipped += 1
+            elif isinstance(item, BadRow):
                 quarantine(line, str(item), item.raw)
             elif item["id"] in seen:
                 quarantine(line, f"repeated id '{item['id']}'", item["text"])
@@ -305,8 +433,9 @@ def ingest_file(task: dict[str, Any], cfg: IngestConfig, out_root: str, fs: pafs
     except (OSError, BadRow) as exc:  # unreadable file or unusable schema: the whole file is quarantined
         quarantine(0, f"unreadable file: {exc}")
     bad.close(keep_empty=False)
-    docs.close({"crucible.rows": str(docs.count), "crucible.quarantined": str(bad.count)})
-    return {"source": source.name, "rows": docs.count, "quarantined": bad.count, "reused": False}
+    tallies = {"rows": docs.count, "quarantined": bad.count, "skipped": skipped}
+    docs.close({f"crucible.{key}": str(n) for key, n in tallies.items()})
+    return {"source": source.name, **tallies, "reused": False}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -336,22 +465,21 @@ def run(ctx: StageContext) -> StageResult:
     )
     per_source: dict[str, dict[str, int]] = {}
     for row in stats:
-        entry = per_source.setdefault(row["source"], {"files": 0, "rows": 0, "quarantined": 0})
+        entry = per_source.setdefault(row["source"], dict.fromkeys(("files", *TALLIES), 0))
         entry["files"] += 1
-        entry["rows"] += row["rows"]
-        entry["quarantined"] += row["quarantined"]
-    rows = sum(s["rows"] for s in per_source.values())
-    quarantined = sum(s["quarantined"] for s in per_source.values())
-    counts = {"files": len(stats), "quarantined": quarantined, "reused_shards": sum(r["reused"] for r in stats)}
+        for key in TALLIES:
+            entry[key] += row[key]
+    rows, quarantined, skipped = (sum(e[key] for e in per_source.values()) for key in TALLIES)
+    counts = {"files": len(stats), "quarantined": quarantined, "skipped": skipped, "reused_shards": sum(r["reused"] for r in stats)}
     for name, entry in per_source.items():
-        counts[f"rows.{name}"] = entry["rows"]
-        counts[f"quarantined.{name}"] = entry["quarantined"]
+        counts.update({f"{key}.{name}": entry[key] for key in TALLIES})
     table = "\n".join(
-        f"| {name} | {e['files']} | {e['rows']} | {e['quarantined']} |" for name, e in sorted(per_source.items())
+        f"| {name} | {e['files']} | {e['rows']} | {e['quarantined']} | {e['skipped']} |" for name, e in sorted(per_source.items())
     )
     report = (
         f"Ingested **{rows}** documents from {len(stats)} files; **{quarantined}** rows quarantined "
-        f"(see `quarantine/`).\n\n| source | files | documents | quarantined |\n|---|---|---|---|\n{table}\n"
+        f"(see `quarantine/`); {skipped} WARC responses skipped (not 2xx HTML).\n\n"
+        f"| source | files | documents | quarantined | skipped |\n|---|---|---|---|---|\n{table}\n"
     )
     return StageResult(rows=rows, counts=counts, metrics={"quarantine_rate": quarantined / max(1, rows + quarantined)}, report=report)
 
