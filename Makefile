@@ -25,6 +25,12 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@# The browser of tests/services/test_ui.py: Debian's chromium, where this runs as root with apt
+	@# (CI); elsewhere that test skips, saying why. Playwright itself never downloads a browser.
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium not installed (needs root and apt-get): tests/services/test_ui.py will skip"; fi
 	touch $(INSTALLED)
 
 install: $(INSTALLED)

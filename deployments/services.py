@@ -146,8 +146,10 @@ def services(layout: Layout) -> list[Service]:
     # Loopback only: with clusters "disabled" Ray keeps 127.0.0.1 instead of the host's outward
     # address (drivers get the same switch through ``client_env``); the second node, which
     # needs clusters enabled, joins through ``deployments/ray_node.py``. No auth token on a
-    # cluster nothing outside this host can reach.
-    ray_env = {**_base_env(), "RAY_AUTH_MODE": "disabled"}
+    # cluster nothing outside this host can reach. RAY_ADDRESS: Ray's own helpers inside our
+    # workers (e.g. Ray Train's placement-group cleaner) look the cluster up by it; without it
+    # they give up when another Ray runs on the host ("Found multiple active Ray instances").
+    ray_env = {**_base_env(), "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": client["RAY_ADDRESS"]}
     return [
         Service(
             "prefect-server",

@@ -123,6 +123,8 @@ def test_crash_then_rerun_resumes_exports_and_registers(upstream, ray_session, m
     result = rerun()
     steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "train/loss")]
     assert sorted(steps) == list(range(5, 13))  # resumed after step 4, not from 0
+    resumed = [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "train/resumed_from_step")]
+    assert resumed == [(4, 4.0)]
     assert result.tokens == 12 * 2 * 4 * SEQ_LEN
     assert result.metrics["val_loss"] < np.log(len(AutoTokenizer.from_pretrained(out.path("model")))) - 1.0  # learned
     assert 0 < result.metrics["val_unigram_entropy"] < np.log(len(AutoTokenizer.from_pretrained(out.path("model"))))

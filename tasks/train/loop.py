@@ -13,7 +13,8 @@ because the storage lives in the stage's own folder, rerunning the stage after a
 from there too: Ray Train v2 restores a run's checkpoints from its storage folder. A run found
 already at its last step only re-exports.
 
-Metrics go to MLflow from rank 0 through ``RunLogger`` (Ray Train v2 has no MLflow callback).
+Metrics go to MLflow from rank 0 through ``RunLogger`` (Ray Train v2 has no MLflow callback);
+an attempt that starts from a checkpoint logs ``train/resumed_from_step`` once, at that step.
 For tests of that recovery, ``CRUCIBLE_TRAIN_FAULT_STEP=k`` makes the last worker exit abruptly
 at step k of a run that did not start from a checkpoint.
 """
@@ -230,6 +231,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     else:
         seed_everything(cfg.seed + rank)  # distinct dropout streams per rank
     logger = job.logger if rank == 0 else None
+    if logger is not None and restored is not None:  # where this attempt picked up, for operators and tests
+        logger.log_metrics({"train/resumed_from_step": progress.step}, step=progress.step)
     elapsed_before = progress.elapsed_s
     fault_step = payload.get("fault_step") if restored is None and rank == world - 1 else None
 

@@ -6,7 +6,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 
@@ -56,6 +56,17 @@ def busy_ray_workers(pid: int) -> list[str]:
         if title.startswith("ray::") and not title.startswith(idle):
             titles.append(title.strip())
     return titles
+
+
+def planned_dir(config: dict[str, Any], stage: str) -> Path:
+    """Where ``stage`` of ``config`` writes its output (the engine's own plan: fingerprint included).
+
+    For a store shared by runs of several configs, where ``stage_dir`` cannot tell them apart.
+    """
+    from tasks.config import validate_config
+    from tasks.engine import plan
+
+    return Path(plan(validate_config(config, "test"))[stage].out.path())
 
 
 def stage_dir(store: Path, stage: str) -> Path | None:
