@@ -163,7 +163,9 @@ def services(layout: Layout) -> list[Service]:
              "--backend-store-uri", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
              "--artifacts-destination", str(root / "mlflow" / "artifacts"), "--serve-artifacts", "--workers", "1"],
             lambda: _answers(f"{client['MLFLOW_TRACKING_URI']}/health"),
-            _base_env(),
+            # No job runner: Crucible queues no MLflow server jobs, and its seven consumer
+            # processes cost 2-core machines seconds at start and the 30 s grace at every stop.
+            {**_base_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         ),
         Service(
             "ray-head",
