@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcomes = pipeline(config=config, from_stage=args.from_stage, until_stage=args.until_stage, force=args.force or None)
     else:  # nothing to run: the MLflow tree records the cached run; no Prefect server is started for it
         print(f"Every selected stage of '{config.name}' is complete: nothing to run (Prefect not started).")
-        outcomes = run_pipeline(config, until_stage=args.until_stage)
+        outcomes = run_pipeline(config, until_stage=args.until_stage, planned=planned)
     ran = [o.stage for o in outcomes if o.state == "ran"]
     cached = [o.stage for o in outcomes if o.state == "cached"]
     print(f"\nPipeline '{config.name}' finished in {time.monotonic() - started:.1f}s: "

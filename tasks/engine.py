@@ -229,6 +229,7 @@ def run_pipeline(
     force: Iterable[str] = (),
     runner: StageRunner = run_stage,
     on_outcome: Callable[[str, str, StageOutcome | None, float], None] | None = None,
+    planned: dict[str, PlannedStage] | None = None,
 ) -> list[StageOutcome]:
     """Run the selected slice of the chain under one MLflow parent run.
 
@@ -244,7 +245,7 @@ def run_pipeline(
     selected = select_stages(config, from_stage, until_stage)
     if from_stage:
         force |= set(selected)
-    planned = plan(config)
+    planned = planned or plan(config)  # callers that already planned pass it: plan() digests input files
     uri = tracking_uri(config.tracking.uri)
     deliver_spool()  # calls an earlier run could not deliver
     parent = start_run(uri, _experiment(config), f"{config.name}-pipeline", None, {

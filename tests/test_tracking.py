@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.request
 import warnings
+from collections.abc import Iterator
 
 import pytest
 from mlflow import MlflowClient
@@ -34,6 +36,22 @@ def wait_until_up(url: str, seconds: float = 300) -> None:
     raise TimeoutError(url)
 
 
+@contextlib.contextmanager
+def mlflow_server(port: int, db: str) -> Iterator[None]:
+    """An MLflow tracking server on ``port`` over ``db`` while the block runs (the outage ends)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", db, "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}")
+        yield
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+
 def test_flatten_nested_params():
     flat = flatten({"a": {"b": 1}, "sources": [{"name": "x"}, {"name": "y"}], "tags": ["p", "q"]})
     assert flat == {"a.b": "1", "sources.0.name": "x", "sources.1.name": "y", "tags": "['p', 'q']"}
@@ -53,20 +71,11 @@ def test_outage_buffers_then_flushes_in_order(tmp_path):
     log.set_tags({"phase": "outage"})
     assert log.pending == 3  # nothing lost, nothing raised
 
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", db, "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        wait_until_up(url)
+    with mlflow_server(port, db):
         with pytest.warns(RuntimeWarning, match="is back"):
             assert log.flush() is True
         log.log_metrics({"loss": 0.5}, step=3)
         assert log.pending == 0
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
     history = local.get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0), (3, 0.5)]
     assert local.get_run(run_id).data.tags["phase"] == "outage"
@@ -111,17 +120,8 @@ def test_a_worker_ending_during_an_outage_spills_and_a_later_call_delivers(tmp_p
     assert len(list(spool.glob("*.jsonl"))) == 2
     assert deliver_spool(spool) == 0 and len(list(spool.glob("*.jsonl"))) == 2  # still away: nothing lost
 
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", db, "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        wait_until_up(url)
+    with mlflow_server(port, db):
         assert deliver_spool(spool) == 4  # three metric batches, then the end of the run
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
     assert [(m.step, m.value) for m in local.get_metric_history(run_id, "loss")] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
     assert local.get_run(run_id).info.status == "FINISHED"
     assert list(spool.iterdir()) == []
