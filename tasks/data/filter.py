@@ -325,4 +325,4 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-STAGE = Stage(name="filter", upstream=("ingest",), version="1", run=run, inputs=inputs_digest)
+STAGE = Stage(name="filter", upstream=("ingest",), version="2", run=run, inputs=inputs_digest)
