@@ -12,8 +12,8 @@ Ingest turns it into Parquet shards; then both sides filter those shards with th
   -> JsonlWriter, built from the same config.
 
 Prints documents per second of each (wall time, start-up included), their ratio, and the share
-of documents on which both made the same keep/drop decision. Differences are expected where
-datatrove's C4 filter rewrites the text that FineWeb then sees; Crucible never rewrites text.
+of documents on which both made the same keep/drop decision, and the share of documents both
+kept whose text is the same (C4 drops lines on both sides).
 
     .venv/bin/python benchmarks/curation_vs_datatrove.py --docs 2000 --workers 2
 
@@ -74,7 +74,7 @@ def filter_section(workers: int, eval_path: Path) -> dict:
     }
 
 
-def run_crucible(corpus_dir: Path, store: Path, workers: int, eval_path: Path) -> tuple[float, set[str], list[str], Path]:
+def run_crucible(corpus_dir: Path, store: Path, workers: int, eval_path: Path) -> tuple[float, dict[str, str], list[str], Path]:
     from tasks.config import validate_config
     from tasks.engine import run_pipeline
 
@@ -88,7 +88,8 @@ def run_crucible(corpus_dir: Path, store: Path, workers: int, eval_path: Path) -
     ingest, filtered = run_pipeline(config, until_stage="filter")
     import pyarrow.parquet as pq
 
-    kept = {i for p in filtered.manifest.file_paths("documents") for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()}
+    kept = {row["id"]: row["text"] for p in filtered.manifest.file_paths("documents")
+            for row in pq.read_table(p, columns=["id", "text"]).to_pylist()}
     all_ids = [i for p in ingest.manifest.file_paths("documents") for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()]
     return filtered.duration_s, kept, all_ids, Path(ingest.manifest.path) / "documents"
 
@@ -137,7 +138,7 @@ def datatrove_pipeline(section: dict, input_dir: Path, out_dir: Path) -> list:
     ]
 
 
-def run_datatrove(input_dir: Path, out_dir: Path, logs: Path, workers: int, eval_path: Path) -> tuple[float, set[str]]:
+def run_datatrove(input_dir: Path, out_dir: Path, logs: Path, workers: int, eval_path: Path) -> tuple[float, dict[str, str]]:
     from datatrove.executor import LocalPipelineExecutor
 
     shards = len(list(input_dir.glob("*.parquet")))
@@ -145,10 +146,10 @@ def run_datatrove(input_dir: Path, out_dir: Path, logs: Path, workers: int, eval
     began = time.monotonic()
     LocalPipelineExecutor(pipeline, tasks=shards, workers=workers, logging_dir=str(logs), skip_completed=False).run()
     seconds = time.monotonic() - began
-    kept = set()
+    kept = {}
     for path in out_dir.glob("*.jsonl.gz"):
         with gzip.open(path, "rt", encoding="utf-8") as lines:
-            kept.update(json.loads(line)["id"] for line in lines)
+            kept.update((doc["id"], doc["text"]) for doc in map(json.loads, lines))
     return seconds, kept
 
 
@@ -181,6 +182,9 @@ def main() -> None:
     print(f"datatrove local exec. : {theirs_s:7.1f} s  {theirs_rate:8.1f} docs/s  kept {len(theirs_kept)}")
     print(f"speed ratio (crucible / datatrove): {ours_rate / theirs_rate:.2f}")
     print(f"keep/drop agreement: {agree:.2%}")
+    both = ours_kept.keys() & theirs_kept.keys()
+    same_text = sum(ours_kept[i] == theirs_kept[i] for i in both) / max(1, len(both))
+    print(f"kept by both: {len(both)}, same text: {same_text:.2%}")
 
 
 if __name__ == "__main__":

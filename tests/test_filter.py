@@ -227,6 +227,22 @@ def test_each_datatrove_sub_reason_is_reported(family_verdicts, reason):
     assert family_verdicts[f"{reason.split(':')[0]}:good"] is None  # the same family keeps good prose
 
 
+def test_c4_cleans_the_lines_of_a_kept_document_and_fineweb_judges_what_is_left():
+    """As in a datatrove pipeline: C4 drops lines it objects to; the next filters see the rest."""
+    doc_filter = FilterConfig.model_validate({"default": {"langid": None, "toxicity": None}}).document_filter()
+    noisy = GOOD_EN + "\nPlease enable JavaScript to read the rest of this page.\nShare this\nMore stories"
+    # seven short menu lines to three paragraphs: FineWeb alone drops it (short_line_ratio)
+    menu = "\n".join([*PARAGRAPHS, *(f"Menu item {i}" for i in range(7))])
+    fineweb_only = FilterConfig.model_validate(
+        {"default": {"langid": None, "toxicity": None, "gopher_quality": None, "gopher_repetition": None, "c4": None}})
+    assert fineweb_only.document_filter().annotate(pa.table({"text": [menu], "domain": ["web"]})).column("reason")[0].as_py() == (
+        "fineweb:short_line_ratio")
+    table = pa.table({"text": [noisy, menu, LOREM], "domain": ["web"] * 3})
+    out = doc_filter.annotate(table)
+    assert out.column("reason").to_pylist() == [None, None, "c4:lorem_ipsum"]
+    assert out.column("text").to_pylist() == [GOOD_EN, GOOD_EN, LOREM]  # a removed document keeps its text
+
+
 @pytest.mark.parametrize("text", [GOOD_EN, "don't stop -- it's 5 o'clock ... ！ １２ " * 20, "a-b c_d e.f " * 50, "# ... - " * 40])
 def test_long_doc_shortcut_never_disagrees_with_gopher(text):
     """The cheap chunk count only says "long" where datatrove's own count says so too."""

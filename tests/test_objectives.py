@@ -18,6 +18,7 @@ from tasks.train.post_objectives import (
     kl_estimate,
     masked_mean,
     masked_whiten,
+    reply_nll,
     token_entropy,
     token_logprobs,
 )
@@ -50,6 +51,11 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
     loss, chosen, rejected = dpo_loss(logp, logp - 1, logp, logp - 1, beta=0.5)
     assert loss.item() == pytest.approx(math.log(2.0))
     assert torch.all(chosen == 0) and torch.all(rejected == 0)
+
+
+def test_reply_nll_is_the_per_token_nll_averaged_over_replies():
+    # replies of 4 and 2 tokens with summed log-probs -8 and -3: per-token NLL 2 and 1.5
+    assert reply_nll(torch.tensor([-8.0, -3.0]), torch.tensor([4, 2])).item() == pytest.approx(1.75)
 
 
 def test_bradley_terry_with_and_without_margin():

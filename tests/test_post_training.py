@@ -29,7 +29,7 @@ from tasks.stage import Manifest, StageContext
 from tasks.store import StageDir
 from tasks.tracking import RunLogger, experiment_id
 from tasks.train import align, reward, sft
-from tasks.train.dpo import DPO
+from tasks.train.dpo import DPO, response_logprobs
 from tasks.train.grpo import GRPO
 from tasks.train.loop import FAULT_ENV
 from tasks.train.post_data import (
@@ -266,6 +266,24 @@ def test_dpo_starts_at_log2_and_one_step_widens_the_margin(tokenizer, init_model
     after = objective.compute(policy, batch)
     assert after.loss.item() < math.log(2)
     assert after.metrics["rewards/margin"].item() > 0
+
+
+def test_dpo_with_an_nll_weight_adds_the_chosen_replies_nll(tokenizer, init_model, tmp_path):
+    from tasks.data.chat_data import PreferencePair
+
+    pairs = [PreferencePair([{"role": "user", "content": f"{a}*{a}?"}], [{"role": "assistant", "content": f"It is {a * a}."}],
+                            [{"role": "assistant", "content": str(a)}]) for a in range(3)]
+    write_examples([encode_pair(tokenizer, p, 128) for p in pairs], LOCAL, str(tmp_path / "d.parquet"))
+    batch = PairExamples(LOCAL, str(tmp_path / "d.parquet"), tokenizer.pad_token_id).collate(range(3))
+    objective = DPO(str(init_model), beta=0.5, nll_weight=0.5)
+    objective.prepare(torch.device("cpu"))
+    policy = AutoModelForCausalLM.from_pretrained(init_model)
+    out = objective.compute(policy, batch)
+    chosen_tokens = batch["response_mask"].sum(-1).chunk(2)[0]
+    expected_nll = -(response_logprobs(policy, batch).chunk(2)[0] / chosen_tokens).mean()
+    assert out.metrics["nll/chosen"].item() == pytest.approx(expected_nll.item(), rel=1e-5)
+    assert out.metrics["nll/chosen"].item() > 1.0  # an untrained model: several nats per token
+    assert out.loss.item() == pytest.approx(math.log(2) + 0.5 * out.metrics["nll/chosen"].item(), rel=1e-5)
 
 
 class _AlternatingScorer(Scorer):

@@ -152,12 +152,13 @@ class Totals:
     domain_out: Counter[str] = field(default_factory=Counter)
     langs: Counter[str] = field(default_factory=Counter)
 
-    def count_batch(self, annotated: pa.Table, kept: pa.Table, removed: pa.Table) -> None:
-        self.rows_in += annotated.num_rows
+    def count_batch(self, source: pa.Table, kept: pa.Table, removed: pa.Table) -> None:
+        """Count one batch: ``source`` as it came in (C4 may have shortened the kept texts)."""
+        self.rows_in += source.num_rows
         self.rows_out += kept.num_rows
-        self.chars_in += _char_count(annotated.column("text"))
+        self.chars_in += _char_count(source.column("text"))
         self.chars_out += _char_count(kept.column("text"))
-        self.domain_in.update(annotated.column("domain").to_pylist())
+        self.domain_in.update(source.column("domain").to_pylist())
         self.domain_out.update(kept.column("domain").to_pylist())
         self.reasons.update(removed.column("reason").to_pylist())
         self.langs.update(lang for lang in kept.column("lang").to_pylist() if lang)
@@ -234,14 +235,15 @@ def filter_unit(
         removed = _ShardWriter(fs, f"{out_root}/rejected/{unit.name}", schema.append(REASON_FIELD))
         totals = Totals()
         for batch in reader.iter_batches(batch_size=rows_per_batch, row_groups=[unit.row_group]):
-            annotated = doc_filter.annotate(pa.Table.from_batches([batch]))
+            source = pa.Table.from_batches([batch])
+            annotated = doc_filter.annotate(source)
             dropped = pc.is_valid(annotated.column("reason"))
             good = annotated.filter(pc.invert(dropped)).drop_columns(["reason"])
             bad = annotated.filter(dropped)
             kept.write(good)
             if bad.num_rows:
                 removed.write(bad)
-            totals.count_batch(annotated, good, bad)
+            totals.count_batch(source, good, bad)
     removed.close()
     stats = dict(vars(totals))  # not dataclasses.asdict: it rebuilds Counters from (key, value) pairs
     kept.close({STATS_KEY: json.dumps(stats).encode()}, keep_empty=True)
@@ -323,4 +325,4 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-STAGE = Stage(name="filter", upstream=("ingest",), version="1", run=run, inputs=inputs_digest)
+STAGE = Stage(name="filter", upstream=("ingest",), version="2", run=run, inputs=inputs_digest)

@@ -36,6 +36,7 @@ class _Section(BaseModel):
 class DPOSettings(_Section):
     beta: float = Field(0.1, gt=0, description="strength of the KL constraint: larger stays closer to the reference")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed share of flipped preference labels (cDPO)")
+    nll_weight: float = Field(0.0, ge=0, description="weight of the chosen replies' per-token NLL added to the loss (RPO)")
 
 
 class SamplingSettings(_Section):

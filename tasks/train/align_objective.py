@@ -35,7 +35,7 @@ def check_reward_model(policy: str, reward_model: str) -> None:
 def method_objective(cfg: AlignConfig, sft: str, scorer: Scorer | None) -> Objective:
     """The objective of ``cfg.method``, with the SFT model at ``sft`` as its frozen reference."""
     if cfg.method == "dpo":
-        return DPO(sft, cfg.dpo.beta, cfg.dpo.label_smoothing)
+        return DPO(sft, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.nll_weight)
     s = cfg.sampling
     sampling = Sampling(s.max_new_tokens, s.temperature, s.top_k, s.top_p)
     if cfg.method == "grpo":

@@ -4,7 +4,8 @@ The policy starts as the SFT model; a frozen copy of the SFT model is the refere
 each Ray Train worker next to the policy (no gradients). A batch of B pairs is one forward of 2B
 rows (chosen, then rejected); each row's log-probability is the sum over its reply tokens.
 The loss is ``-log σ(β·((log π_c - log π_ref,c) - (log π_r - log π_ref,r)))``
-(``post_objectives.dpo_loss``); the logged implicit rewards are ``β·(log π - log π_ref)``.
+(``post_objectives.dpo_loss``), plus ``nll_weight`` times the chosen replies' per-token NLL
+when that is set (RPO); the logged implicit rewards are ``β·(log π - log π_ref)``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 
 from tasks.train.objectives import Objective, ObjectiveOutput
 from tasks.train.post_data import PairExamples
-from tasks.train.post_objectives import dpo_loss, token_logprobs
+from tasks.train.post_objectives import dpo_loss, reply_nll, token_logprobs
 from tasks.train.post_stage import eval_device, frozen, load_causal_lm, on_device
 
 
@@ -43,8 +44,9 @@ def preference_stats(policy: torch.Tensor, reference: torch.Tensor, beta: float)
 class DPO(Objective):
     """DPO against a frozen reference (the model at ``reference_path``)."""
 
-    def __init__(self, reference_path: str, beta: float, label_smoothing: float = 0.0):
+    def __init__(self, reference_path: str, beta: float, label_smoothing: float = 0.0, nll_weight: float = 0.0):
         self.reference_path, self.beta, self.label_smoothing = reference_path, beta, label_smoothing
+        self.nll_weight = nll_weight
         self.reference: nn.Module | None = None
 
     def __getstate__(self) -> dict:  # workers load their own reference
@@ -61,6 +63,10 @@ class DPO(Objective):
         ref_chosen, ref_rejected = reference.chunk(2)
         loss, _, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing)
         stats = preference_stats(policy.detach(), reference, self.beta)
+        if self.nll_weight:
+            nll = reply_nll(chosen, batch["response_mask"].sum(-1).chunk(2)[0])
+            loss = loss + self.nll_weight * nll
+            stats["nll/chosen"] = nll.detach()
         return ObjectiveOutput(loss=loss, tokens=torch.tensor(chosen.numel(), device=loss.device), metrics=stats)
 
 

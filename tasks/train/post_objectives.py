@@ -75,6 +75,15 @@ def dpo_loss(
     return loss.mean(), chosen_rewards.detach(), rejected_rewards.detach()
 
 
+def reply_nll(logp_sums: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of whole replies, averaged over replies.
+
+    DPO's added term in RPO (Pang et al. 2024): DPO alone can widen the chosen-rejected gap by
+    lowering both replies; a weight on the chosen replies' NLL keeps them likely while it does.
+    """
+    return -(logp_sums / tokens.clamp(min=1)).mean()
+
+
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π.
 

@@ -4,7 +4,9 @@ Every row gets ``lang``/``lang_score`` (where language ID runs), ``toxicity`` (w
 runs) and ``reason``: null for a kept document, else the first check it failed, in the order
 ``lang``, ``toxicity``, ``decontamination``, prose quality (``gopher_quality:…``,
 ``gopher_repetition:…``, ``c4:…``, ``fineweb:…``) or ``code_quality:…``. Cheap checks come
-first, so the tokenising quality filters only see documents that survived the rest.
+first, so the tokenising quality filters only see documents that survived the rest. A kept
+prose document's ``text`` is what the quality filters left (C4 drops lines); every other row's
+is unchanged.
 """
 
 from __future__ import annotations
@@ -70,25 +72,29 @@ class DocumentFilter:
         for i, score in zip(toxic_rows, toxicity_scores([texts[i] for i in toxic_rows])):
             toxicity[i] = float(score)
 
-        reasons = [
-            self._reason(text, domain, rule, lang, score, toxic)
+        verdicts = [
+            self._verdict(text, domain, rule, lang, score, toxic)
             for text, domain, rule, lang, score, toxic in zip(texts, domains, rules, langs, scores, toxicity)
         ]
-        out = table.drop_columns([name for name in table.column_names if name in ADDED_NAMES | {REASON_FIELD.name}])
+        reasons = [reason for reason, _ in verdicts]
+        text_at = table.column_names.index("text")
+        out = table.set_column(text_at, table.field(text_at), pa.array([text for _, text in verdicts], type=table.field(text_at).type))
+        out = out.drop_columns([name for name in out.column_names if name in ADDED_NAMES | {REASON_FIELD.name}])
         for field, values in zip(ADDED_FIELDS, (langs, scores, toxicity)):
             out = out.append_column(field, pa.array(values, type=field.type))
         return out.append_column(REASON_FIELD, pa.array(reasons, type=pa.string()))
 
-    def _reason(
+    def _verdict(
         self, text: str, domain: str | None, rule: RuleSet, lang: str | None, score: float | None, toxic: float | None
-    ) -> str | None:
+    ) -> tuple[str | None, str]:
+        """(reason or None, the text the row leaves with)."""
         if rule.langid is not None and (why := lang_reason(lang, score, rule.langid)):
-            return why
+            return why, text
         if rule.toxicity is not None and (why := toxicity_reason(toxic, rule.toxicity)):
-            return why
+            return why, text
         if self.index is not None and self.index.contaminated(text):
-            return "decontamination"
+            return "decontamination", text
         if rule.code_quality is not None:
-            return code_quality_reason(text, rule.code_quality)
-        return self._prose(domain).reason(text, lang)
+            return code_quality_reason(text, rule.code_quality), text
+        return self._prose(domain).check(text, lang)
 

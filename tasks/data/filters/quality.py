@@ -6,8 +6,11 @@ datatrove's tokenizer table, which for English, German, Spanish, Italian and mos
 languages is ``spacy.blank(lang)``: rule-based, shipped inside spaCy, nothing to download.
 The config fields carry datatrove's parameter names and defaults, so its documentation applies.
 
-C4's filter rewrites ``doc.text`` (it drops lines); Crucible stages never rewrite text, so each
-filter sees a throwaway ``Document`` and only its keep/drop decision is used.
+C4's filter is also a line cleaner: it drops the lines it objects to (no terminal
+punctuation, too few words, "javascript", policy boilerplate, citation marks) and keeps the
+document if enough sentences remain. As in a datatrove pipeline, the filters after it judge
+the lines it kept, and a kept document leaves the stage as C4 left it; a removed one goes to
+``rejected/`` as it came in.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ class GopherRepetitionConfig(_Section):
 
 
 class C4Config(_Section):
-    """C4 (Raffel et al. 2020) rules, applied as a document-level keep/drop decision."""
+    """C4 (Raffel et al. 2020) rules: line removal, then a document-level keep/drop decision."""
 
     split_paragraph: bool = True
     remove_citations: bool = True
@@ -176,22 +179,24 @@ class ProseQuality:
     def _build(self, lang: str) -> list[tuple[str, Any]]:
         return [(family, section.make(lang)) for family, section in self.sections.items() if section is not None]
 
-    def reason(self, text: str, lang: str | None) -> str | None:
-        """``family:datatrove reason`` of the first filter that drops ``text``, else None."""
+    def check(self, text: str, lang: str | None) -> tuple[str | None, str]:
+        """(``family:datatrove reason`` of the first filter that drops ``text`` or None, the text
+        the filters leave): a kept document's text without the lines C4 dropped, else ``text``."""
         from datatrove.data import Document
         from datatrove.pipeline.filters.base_filter import get_filter_result
 
         gopher = self.sections["gopher_quality"]
         if gopher is not None and gopher.max_doc_words and exceeds_word_count(text, gopher.max_doc_words):
-            return "gopher_quality:gopher_long_doc"
+            return "gopher_quality:gopher_long_doc", text
         language = tokenizer_language(lang)
         if language not in self._filters:
             self._filters[language] = self._build(language)
+        doc = Document(text=text, id="")
         for family, check in self._filters[language]:
             try:
-                keep, why = get_filter_result(check.filter(Document(text=text, id="")))
+                keep, why = get_filter_result(check.filter(doc))
             except ZeroDivisionError:  # datatrove divides by the word count: a text with no words
                 keep, why = False, "no_words"
             if not keep:
-                return f"{family}:{why or 'dropped'}"
-        return None
+                return f"{family}:{why or 'dropped'}", text
+        return None, doc.text
