@@ -38,6 +38,8 @@ from tasks.paths import state_dir
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 POOL = "crucible"
 WORKER_NAME = "crucible-local"
+CRASH_DETECTION = PROJECT_DIR / "deployments" / "crash_detection.yaml"  # Prefect marks dead runs Crashed
+CRASH_DETECTION_NAME = "crash-silent-flow-runs"
 NODE2_RESOURCE = "crucible_node2"  # only the second Ray node has it: tests can place work there
 BIN = Path(sys.executable).parent  # prefect, mlflow and ray live beside this interpreter
 # Unix socket paths are limited to 107 bytes; Ray puts ~60 more under its temp dir.
@@ -187,8 +189,9 @@ def services(layout: Layout) -> list[Service]:
             "prefect-worker",
             [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--name", WORKER_NAME],
             lambda: _worker_online(client["PREFECT_API_URL"]),
-            # The worker's flow runs inherit this: they reach Ray and MLflow, and run from the checkout.
-            {**prefect_env, **client, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+            # The worker's flow runs inherit this: they reach Ray and MLflow, and run from the
+            # checkout; they beat every 30 s, which CRASH_DETECTION watches for.
+            {**prefect_env, **client, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"},
         ),
     ]
 
@@ -220,6 +223,13 @@ def _worker_online(api_url: str) -> bool:
     except OSError:
         return False
     return any(w["name"] == WORKER_NAME and w["status"] == "ONLINE" for w in workers)
+
+
+def _automation_names(api_url: str) -> set[str]:
+    request = urllib.request.Request(f"{api_url}/automations/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return {a["name"] for a in json.load(response)}
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -336,7 +346,8 @@ def _finish(command: subprocess.Popen, layout: Layout) -> None:
 
 
 def up(layout: Layout) -> dict[str, str]:
-    """Start every service, create the work pool, deploy ``prefect.yaml``; write ``services/env``.
+    """Start every service, create the work pool and the crash-detection automation, deploy
+    ``prefect.yaml``; write ``services/env``.
 
     The Ray nodes start first, one after the other, while the machine is otherwise quiet: a
     Ray node that cannot register within 30 s gives up. The servers then start side by side.
@@ -353,6 +364,8 @@ def up(layout: Layout) -> dict[str, str]:
     launch(layout, mlflow)
     wait_ready(layout, prefect)
     _finish(_prefect(layout, "work-pool", "create", POOL, "--type", "process", "--overwrite"), layout)
+    if CRASH_DETECTION_NAME not in _automation_names(env["PREFECT_API_URL"]):  # a restart keeps the server's
+        _finish(_prefect(layout, "automation", "create", "--from-file", str(CRASH_DETECTION)), layout)
     deploying = _prefect(layout, "deploy", "--all")
     launch(layout, worker)
     wait_ready(layout, mlflow)

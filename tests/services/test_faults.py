@@ -13,7 +13,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.states import Crashed
 
 from .faults import Clock, busy_ray_workers, crash, planned_dir, stage_dir, wait_for
 
@@ -153,20 +152,20 @@ def test_worker_killed_mid_pretrain_then_retried_resumes_from_checkpoint(svc, fi
     wait_for("pretrain to commit a checkpoint", lambda: _committed_steps(out), 1200)
     crash(svc.pid("prefect-worker"))  # the worker and the flow run it started (the Ray driver)
     clock.mark("worker + flow run killed")
-    with get_client(sync_client=True) as client:
-        left = client.read_flow_run(run.id).state
-        # Prefect does not notice a dead worker: the run stays Running until someone marks it
-        client.set_flow_run_state(run.id, Crashed(message="its worker was killed"), force=True)
     svc.script("start", "prefect-worker")
     clock.mark("worker back")
     committed = _committed_steps(out)  # read once Ray has ended the dead driver's job, its controller with it
     assert committed[-1] < steps and not (out / "manifest.json").exists(), "killed too late: pretrain had finished"
+    # The run's heartbeats stopped with its process: the services' automation marks it Crashed.
+    left = _final_state(run.id, timeout_s=300)
+    clock.mark(f"run marked {left.type.value.lower()} by Prefect")
+    assert left.is_crashed(), left
     prefect = Path(sys.executable).parent / "prefect"
     subprocess.run([str(prefect), "flow-run", "retry", str(run.id)], env=svc.env, check=True)
     state = _final_state(run.id)
     clock.mark(f"retry {state.type.value.lower()}")
     clock.report("Prefect worker killed during pretrain, flow run retried")
-    print(f"state left by the kill: {left.type.value}; checkpoints committed: {committed}")
+    print(f"state left by the kill: {left.type.value} ({left.message}); checkpoints committed: {committed}")
 
     assert state.is_completed(), state.message
     stages = svc.stage_runs()  # the retry's MLflow tree
