@@ -308,7 +308,9 @@ def run(ctx: StageContext) -> StageResult:
             .map(
                 UnitWorker,
                 fn_constructor_kwargs={"cfg": cfg, "index": index, "in_fs": in_fs, "out_root": ctx.out.root, "fs": ctx.out.fs},
-                concurrency=workers,
+                # one unit at a time per actor: a unit is a whole row group, and an actor that is
+                # handed several while the others still load their models filters them in turn
+                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             )
             .iter_rows()
         )
