@@ -4,9 +4,9 @@ The ``filter`` stage's language ID (py3langid's bundled model, ``tasks/data/filt
 was never tuned on these texts: the passages are paragraphs of the operating system's manual
 pages (``/usr/share/man`` and its ``de``/``es``/``it`` translations), reduced to text as in
 ``heldout_corpus.py``. A passage is one distinct paragraph of two to six sentences that reads
-as prose (mostly letters, few option flags, no addresses). Translations leave some paragraphs in English; a translated
-paragraph that shares a third of its word 3-grams with the English page of the same name is
-left out, since its true language is not the folder's.
+as prose (mostly letters, few option flags, no addresses). Translations leave some paragraphs
+in English; a translated paragraph that shares a third of its word 3-grams with the English
+page of the same name is left out, since its true language is not the folder's.
 
 Prints, per language, the passages scored, the share identified correctly, the share that the
 default rule would keep (right language and score >= ``--min-score``), and the mistakes.
