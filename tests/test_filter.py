@@ -257,6 +257,42 @@ def test_long_doc_shortcut_never_disagrees_with_gopher(text):
             assert verdict == (False, "gopher_long_doc")
 
 
+TOKENIZER_CASES = [
+    GOOD_EN, GOOD_DE, FRENCH, LOREM,
+    "don't stop -- it's 5 o'clock ... ！ １２  (: :-) ''.join(x) I'd U.S.A. e-mail: a@b.org http://x.org/a?b=1",
+    "tabs\tand\nnew\n\n lines\u00a0no-break\u2003em space\u200bzero-width \"quoted,\" (paren) [1] $5.00 10km 3rd",
+    "def f(x):\n    return {'a': x**2}  # comment\n>>> f(3)\n{'a': 9}",
+    "IS_ALPHA breaks spaCy's tokenizer IS_ALPH IS_ALPHA.",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", TOKENIZER_CASES)
+def test_cached_word_tokenizer_gives_datatrove_s_words(text):
+    """The filters' chunk-remembering tokenizer splits words exactly as datatrove's own, cold and warm."""
+    from datatrove.utils.word_tokenizers import SpaCyTokenizer
+
+    from tasks.data.filters.words import CachedWordTokenizer, cached_words
+
+    reference = SpaCyTokenizer("en").word_tokenize(text)
+    cached = CachedWordTokenizer(SpaCyTokenizer("en"))
+    assert cached.word_tokenize(text) == reference
+    assert cached.word_tokenize(text) == reference  # every chunk now remembered
+    assert cached_words("en") is cached_words("en")  # one per process, shared by the filters
+
+
+def test_cached_word_tokenizer_stays_bounded():
+    from datatrove.utils.word_tokenizers import SpaCyTokenizer
+
+    from tasks.data.filters.words import CachedWordTokenizer
+
+    cached = CachedWordTokenizer(SpaCyTokenizer("en"), max_chunks=10)
+    words = [f"w{i}" for i in range(25)]
+    for start in range(0, 25, 5):
+        assert cached.word_tokenize(" ".join(words[start:start + 5])) == words[start:start + 5]
+        assert len(cached._words) <= 10
+
+
 # ---------------------------------------------------------------------------------- config
 
 

@@ -4,6 +4,8 @@ The filters are datatrove's own classes, called one document at a time through t
 ``filter(doc)`` method (no datatrove executor). Their word and sentence splitting goes through
 datatrove's tokenizer table, which for English, German, Spanish, Italian and most other
 languages is ``spacy.blank(lang)``: rule-based, shipped inside spaCy, nothing to download.
+The stage hands the filters that tokenizer wrapped so each whitespace-separated chunk is
+tokenized once per worker (``words.py``): the same words, about twice as fast.
 The config fields carry datatrove's parameter names and defaults, so its documentation applies.
 
 C4's filter is also a line cleaner: it drops the lines it objects to (no terminal
@@ -36,8 +38,9 @@ DEFAULT_STOP_WORDS: dict[str, list[str]] = {
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    def make(self, lang: str) -> Any:
-        """The datatrove filter these settings describe, tokenising as ``lang``."""
+    def make(self, lang: str, words: Any = None) -> Any:
+        """The datatrove filter these settings describe, for text in ``lang``, splitting words with
+        ``words`` (a datatrove ``WordTokenizer``) or, by default, datatrove's tokenizer for ``lang``."""
         raise NotImplementedError
 
 
@@ -60,7 +63,7 @@ class GopherQualityConfig(_Section):
         description="stop words per language; languages not listed skip the stop-word check",
     )
 
-    def make(self, lang: str) -> Any:
+    def make(self, lang: str, words: Any = None) -> Any:
         from datatrove.pipeline.filters import GopherQualityFilter
 
         kwargs = self.model_dump(exclude={"stop_words"})
@@ -68,7 +71,7 @@ class GopherQualityConfig(_Section):
             kwargs["stop_words"] = self.stop_words[lang]
         else:
             kwargs["min_stop_words"] = None
-        return GopherQualityFilter(language=lang, **kwargs)
+        return GopherQualityFilter(language=words or lang, **kwargs)
 
 
 class GopherRepetitionConfig(_Section):
@@ -84,13 +87,13 @@ class GopherRepetitionConfig(_Section):
         description="(n, max char share of duplicated n-grams)",
     )
 
-    def make(self, lang: str) -> Any:
+    def make(self, lang: str, words: Any = None) -> Any:
         from datatrove.pipeline.filters import GopherRepetitionFilter
 
         kwargs = self.model_dump()
         kwargs["top_n_grams"] = tuple(tuple(x) for x in self.top_n_grams)
         kwargs["dup_n_grams"] = tuple(tuple(x) for x in self.dup_n_grams)
-        return GopherRepetitionFilter(language=lang, **kwargs)
+        return GopherRepetitionFilter(language=words or lang, **kwargs)
 
 
 class C4Config(_Section):
@@ -107,10 +110,10 @@ class C4Config(_Section):
     filter_curly_bracket: bool = True
     filter_policy: bool = True
 
-    def make(self, lang: str) -> Any:
+    def make(self, lang: str, words: Any = None) -> Any:
         from datatrove.pipeline.filters import C4QualityFilter
 
-        return C4QualityFilter(language=lang, **self.model_dump())
+        return C4QualityFilter(language=words or lang, **self.model_dump())
 
 
 class FineWebConfig(_Section):
@@ -123,10 +126,10 @@ class FineWebConfig(_Section):
     char_duplicates_ratio: float = Field(0.01, ge=0, le=1, description="max share of characters in duplicated lines")
     new_line_ratio: float = Field(0.3, ge=0, description="max newlines per word")
 
-    def make(self, lang: str) -> Any:
+    def make(self, lang: str, words: Any = None) -> Any:
         from datatrove.pipeline.filters import FineWebQualityFilter
 
-        return FineWebQualityFilter(language=lang, **self.model_dump())
+        return FineWebQualityFilter(language=words or lang, **self.model_dump())
 
 
 @lru_cache(maxsize=None)
@@ -177,7 +180,10 @@ class ProseQuality:
         return any(s is not None for s in self.sections.values())
 
     def _build(self, lang: str) -> list[tuple[str, Any]]:
-        return [(family, section.make(lang)) for family, section in self.sections.items() if section is not None]
+        from tasks.data.filters.words import cached_words
+
+        words = cached_words(lang)
+        return [(family, section.make(lang, words)) for family, section in self.sections.items() if section is not None]
 
     def check(self, text: str, lang: str | None) -> tuple[str | None, str]:
         """(``family:datatrove reason`` of the first filter that drops ``text`` or None, the text
