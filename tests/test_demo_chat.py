@@ -9,7 +9,7 @@ import os
 import pytest
 
 from tasks.data.chat_data import ChatSource, load_examples
-from tasks.data.demo_chat import REFUSAL_PAIRS, REFUSALS, first_paragraph, held_out, write_demo_chat
+from tasks.data.demo_chat import REFUSAL_PAIRS, REFUSALS, TRAIN_REJECTED, first_paragraph, held_out, write_demo_chat
 from tasks.train.rewards import arithmetic_reward
 
 
@@ -33,12 +33,12 @@ def test_every_set_is_written_in_a_format_the_stages_accept(demo):
 
 def test_held_out_share_and_no_family_on_both_sides(demo):
     _, rows = demo
-    for kind in ("sft", "preference", "prompts"):
-        train, held = rows[f"{kind}_train"], rows[f"{kind}_heldout"]
-        assert 0.05 < len(held) / (len(train) + len(held)) < 0.16, kind
     # a function or problem is on one side only, whichever set it appears in
     def families(name):
         return {r["id"].split("/")[0] + "/" + r["id"].split("/")[1] for r in rows[name]}
+    for kind in ("sft", "preference", "prompts"):
+        train, held = families(f"{kind}_train"), families(f"{kind}_heldout")
+        assert 0.05 < len(held) / (len(train) + len(held)) < 0.16, kind
     for kind in ("sft", "preference", "prompts"):
         assert not families(f"{kind}_train") & families(f"{kind}_heldout")
     assert not families("sft_train") & families("preference_heldout")
@@ -71,11 +71,22 @@ def test_arithmetic_pairs_are_verifiable(demo):
     _, rows = demo
     math_prefs = [r for r in rows["preference_train"] if r["id"].startswith("math/")]
     prompts = {r["id"]: r["answer"] for r in rows["prompts_train"]}
-    assert len(math_prefs) > 1000
+    assert len(math_prefs) > 3000
+    rejected = {}
     for r in math_prefs:
-        answer = prompts[r["id"]]
+        answer = prompts[r["id"].rsplit("/", 1)[0] if r["id"].count("/") > 1 else r["id"]]
         assert arithmetic_reward(r["chosen"], answer) == 1.0
         assert arithmetic_reward(r["rejected"], answer) == 0.0
+        rejected.setdefault(r["prompt"], set()).add(r["rejected"])
+    # three different wrong results per training problem, one per held-out problem
+    assert {len(v) for v in rejected.values()} == {TRAIN_REJECTED}
+    held = [r for r in rows["preference_heldout"] if r["id"].startswith("math/")]
+    assert len({r["prompt"] for r in held}) == len(held)
+    docs = [r for r in rows["preference_train"] if r["id"].startswith("doc/")]
+    by_prompt = {}
+    for r in docs:
+        by_prompt.setdefault(r["prompt"], set()).add(r["rejected"])
+    assert {len(v) for v in by_prompt.values()} == {TRAIN_REJECTED}
     sft_math = [r for r in rows["sft_train"] if r["id"].startswith("math/")]
     assert all(arithmetic_reward(r["messages"][-1]["content"], prompts[r["id"]]) == 1.0 for r in sft_math)
 

@@ -14,7 +14,8 @@ too):
 
 Files (``write_demo_chat``): ``sft_{train,heldout}.jsonl`` (``messages``, some multi-turn, some
 with a system prompt), ``preference_{train,heldout}.jsonl`` (``prompt``/``chosen``/``rejected``:
-the right docstring vs another module's, the correct result vs a wrong one, help vs refusal) and
+the right docstring vs other modules', the correct result vs wrong ones, help vs refusal;
+three rejected replies per training prompt, one per held-out prompt) and
 ``prompts_{train,heldout}.jsonl`` (arithmetic ``prompt`` + ``answer`` for PPO/GRPO). Output is
 deterministic for a given Python version.
 """
@@ -35,6 +36,7 @@ from typing import Any
 HELD_OUT_FRACTION = 0.1
 ARITHMETIC_PROBLEMS = 1500
 ANSWER_CHARS = (20, 320)
+TRAIN_REJECTED = 3  # rejected replies per training prompt (held-out prompts keep one)
 MULTI_TURN_EVERY = 4  # every 4th docstring conversation continues with a second question
 SYSTEM_EVERY = 3  # every 3rd conversation opens with a system prompt
 
@@ -238,6 +240,13 @@ def wrong_result(problem: Problem) -> int:
     return wrong
 
 
+def wrong_results(problem: Problem, count: int) -> list[int]:
+    """``count`` distinct plausible wrong results, ``wrong_result`` first, then others off by one to three."""
+    first = wrong_result(problem)
+    nearby = [r for r in range(max(0, problem.result - 3), problem.result + 4) if r not in (problem.result, first)]
+    return [first, *sorted(nearby, key=lambda r: _key_hash(f"{problem.key}/wrong/{r}"))][:count]
+
+
 # ---------------------------------------------------------------------------------- assembling
 
 
@@ -282,23 +291,32 @@ def sft_examples() -> Iterator[tuple[str, dict[str, Any]]]:
             yield key, {"id": f"{key}/benign/{p}", "messages": _turn(prefix + benign, helpful)}
 
 
+def _suffix(n: int) -> str:
+    return "" if n == 0 else f"/{n + 1}"
+
+
 def preference_examples() -> Iterator[tuple[str, dict[str, Any]]]:
-    """(split key, row) for every preference pair."""
+    """(split key, row) for every preference pair: ``TRAIN_REJECTED`` rejected replies per training
+    prompt (more pairs to learn from at no extra cost per step), one per held-out prompt."""
     docs = docstring_answers()
     by_module: dict[str, list[DocAnswer]] = {}
     for item in docs:
         by_module.setdefault(item.module, []).append(item)
     modules = sorted(by_module)
-    for item in docs:  # the right docstring vs one from another module
+    for item in docs:  # the right docstring vs ones from other modules
         others = [m for m in modules if m != item.module]
-        module = others[int(_key_hash(item.name + "/other-module") * len(others))]
-        other = by_module[module][int(_key_hash(item.name + "/other") * len(by_module[module]))]
-        yield item.name, {"id": f"doc/{item.name}", "prompt": _question(item, 1), "chosen": item.answer, "rejected": other.answer}
-    for problem in arithmetic_problems():  # the correct result vs a wrong one
-        yield problem.key, {
-            "id": problem.key, "prompt": problem.question,
-            "chosen": problem.solution(), "rejected": problem.solution(wrong_result(problem)),
-        }
+        for n in range(1 if held_out(item.name) else TRAIN_REJECTED):  # each from a different module
+            salt = _suffix(n)
+            module = others[int(_key_hash(item.name + "/other-module" + salt) * len(others))]
+            others = [m for m in others if m != module]
+            other = by_module[module][int(_key_hash(item.name + "/other" + salt) * len(by_module[module]))]
+            yield item.name, {"id": f"doc/{item.name}{salt}", "prompt": _question(item, 1), "chosen": item.answer, "rejected": other.answer}
+    for problem in arithmetic_problems():  # the correct result vs wrong ones
+        for n, wrong in enumerate(wrong_results(problem, 1 if held_out(problem.key) else TRAIN_REJECTED)):
+            yield problem.key, {
+                "id": problem.key + _suffix(n), "prompt": problem.question,
+                "chosen": problem.solution(), "rejected": problem.solution(wrong),
+            }
     for key, harmful, refusal, benign, helpful in _refusal_answers():  # refuse harm, help with look-alikes
         yield key, {"id": f"{key}/harmful", "prompt": harmful, "chosen": refusal, "rejected": helpful}
         yield key, {"id": f"{key}/benign", "prompt": benign, "chosen": helpful, "rejected": refusal}
