@@ -6,8 +6,9 @@ stays flat, but each document pays again for every word spaCy does not ship with
 the quality filters' time on web prose). spaCy's tokenizer never joins across whitespace and
 splits each whitespace-separated chunk on its own, so a document's words are the concatenation
 of its chunks' words: ``CachedWordTokenizer`` tokenizes each chunk once and keeps its words in a
-bounded table (cleared when full), and the filters see exactly the words datatrove would give
-them (``tests/test_filter.py`` checks it against datatrove's own tokenizer).
+bounded table (chunks up to 100 characters; cleared when full), and the filters see exactly
+the words datatrove would give them (``tests/test_filter.py`` checks it against datatrove's own
+tokenizer).
 
 The filters take the tokenizer in place of a language code (datatrove's ``load_word_tokenizer``
 accepts a ``WordTokenizer``). Sentence splitting, which does look across chunks, goes to
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+
 from datatrove.utils.word_tokenizers import SpaCyTokenizer, WordTokenizer, load_word_tokenizer
 
 CHUNK = re.compile(r"\S+")
 MAX_CHUNKS = 100_000  # remembered chunks per process: a few tens of MB at most
+MAX_CHUNK_CHARS = 100  # longer chunks (URLs, base64, minified code) are rarely seen twice
 
 
 class CachedWordTokenizer(WordTokenizer):
@@ -36,18 +39,20 @@ class CachedWordTokenizer(WordTokenizer):
     def word_tokenize(self, text: str) -> list[str]:
         chunks = CHUNK.findall(text)
         known = self._words
+        fresh: dict[str, tuple[str, ...]] = {}
         new = [c for c in dict.fromkeys(chunks) if c not in known]
         if new:
-            if len(known) + len(new) > self.max_chunks:
-                known.clear()
             nlp = self.inner.tokenizer
             try:
                 with nlp.memory_zone():
                     for chunk in new:
-                        known[chunk] = tuple(w for w in (t.text.strip() for t in nlp.tokenizer(chunk)) if w)
+                        fresh[chunk] = tuple(w for w in (t.text.strip() for t in nlp.tokenizer(chunk)) if w)
             except Exception:  # spaCy chokes on a few strings; datatrove's own path handles them
                 return self.inner.word_tokenize(text)
-        return [word for chunk in chunks for word in known[chunk]]
+            if len(known) + len(fresh) > self.max_chunks:
+                known.clear()
+            known.update((c, words) for c, words in fresh.items() if len(c) <= MAX_CHUNK_CHARS)
+        return [word for chunk in chunks for word in (fresh[chunk] if chunk in fresh else known[chunk])]
 
     def sent_tokenize(self, text: str) -> list[str]:
         return self.inner.sent_tokenize(text)
