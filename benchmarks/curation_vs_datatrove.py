@@ -5,11 +5,13 @@ Python distributions and the module docstrings of the standard library and site-
 document each (real, varied, and full of the short texts, lists and markup the filters target).
 Ingest turns it into Parquet shards; then both sides filter those shards with the same workers:
 
-* Crucible: the ``filter`` stage (Ray Data actors), timed by the engine;
+* Crucible: the ``filter`` stage (Ray Data actors), timed by the engine; its quality filters
+  split words with ``tasks/data/filters/words.py`` (datatrove's spaCy tokenizer, each chunk
+  tokenized once per worker: the same words);
 * datatrove: ``LocalPipelineExecutor`` with ParquetReader -> language/toxicity/decontamination
   (Crucible's checks wrapped as one datatrove filter: datatrove's own language filter needs a
   downloaded fastText model) -> GopherQuality -> GopherRepetition -> C4Quality -> FineWebQuality
-  -> JsonlWriter, built from the same config.
+  -> JsonlWriter, built from the same config, with datatrove's own tokenizer.
 
 Prints documents per second of each (wall time, start-up included), their ratio, and the share
 of documents on which both made the same keep/drop decision, and the share of documents both

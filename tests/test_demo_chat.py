@@ -74,7 +74,7 @@ def test_arithmetic_pairs_are_verifiable(demo):
     assert len(math_prefs) > 3000
     rejected = {}
     for r in math_prefs:
-        answer = prompts[r["id"].rsplit("/", 1)[0] if r["id"].count("/") > 1 else r["id"]]
+        answer = prompts["/".join(r["id"].split("/")[:2])]  # math/<key>[/n]
         assert arithmetic_reward(r["chosen"], answer) == 1.0
         assert arithmetic_reward(r["rejected"], answer) == 0.0
         rejected.setdefault(r["prompt"], set()).add(r["rejected"])

@@ -291,6 +291,8 @@ def test_cached_word_tokenizer_stays_bounded():
     for start in range(0, 25, 5):
         assert cached.word_tokenize(" ".join(words[start:start + 5])) == words[start:start + 5]
         assert len(cached._words) <= 10
+    assert cached.word_tokenize(" ".join(words)) == words  # one document with more new chunks than the table holds
+    assert len(cached._words) <= 10
     long_chunk = "x" * 500  # tokenized, not remembered
     assert cached.word_tokenize(f"{long_chunk} w1") == [long_chunk, "w1"]
     assert long_chunk not in cached._words

@@ -49,10 +49,12 @@ class CachedWordTokenizer(WordTokenizer):
                         fresh[chunk] = tuple(w for w in (t.text.strip() for t in nlp.tokenizer(chunk)) if w)
             except Exception:  # spaCy chokes on a few strings; datatrove's own path handles them
                 return self.inner.word_tokenize(text)
-            if len(known) + len(fresh) > self.max_chunks:
-                known.clear()
-            known.update((c, words) for c, words in fresh.items() if len(c) <= MAX_CHUNK_CHARS)
-        return [word for chunk in chunks for word in (fresh[chunk] if chunk in fresh else known[chunk])]
+        words = [word for chunk in chunks for word in (fresh[chunk] if chunk in fresh else known[chunk])]
+        remembered = [(c, w) for c, w in fresh.items() if len(c) <= MAX_CHUNK_CHARS][: self.max_chunks]
+        if len(known) + len(remembered) > self.max_chunks:
+            known.clear()
+        known.update(remembered)
+        return words
 
     def sent_tokenize(self, text: str) -> list[str]:
         return self.inner.sent_tokenize(text)
