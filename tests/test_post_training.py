@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from models.chat import END
-from models.heads import PolicyWithValueHead
+from models.heads import PolicyWithValueHead, RewardModelWithLMHead, sequence_rewards
 from models.presets import build_model
 from models.tokenizer import save_tokenizer, train_tokenizer
 from tasks.config import PipelineConfig
@@ -46,6 +46,7 @@ from tasks.train.post_data import (
 )
 from tasks.train.post_objectives import token_logprobs
 from tasks.train.ppo import PPO
+from tasks.train.reward_objective import PairwiseReward
 from tasks.train.rewards import arithmetic_reward, final_answer
 from tasks.train.rollout import Sampling, Scorer, causal_logits, generate
 
@@ -286,6 +287,44 @@ def test_dpo_with_an_nll_weight_adds_the_chosen_replies_nll(tokenizer, init_mode
     assert out.loss.item() == pytest.approx(math.log(2) + 0.5 * out.metrics["nll/chosen"].item(), rel=1e-5)
 
 
+def test_reward_model_with_lm_head_starts_as_the_causal_lm_and_saves_a_plain_classifier(tokenizer, init_model, tmp_path):
+    from tasks.data.chat_data import PreferencePair
+
+    pairs = [PreferencePair([{"role": "user", "content": f"{a}-{a}?"}], [{"role": "assistant", "content": "It is 0."}],
+                            [{"role": "assistant", "content": str(a)}]) for a in range(1, 4)]
+    write_examples([encode_pair(tokenizer, p, 128) for p in pairs], LOCAL, str(tmp_path / "d.parquet"))
+    batch = PairExamples(LOCAL, str(tmp_path / "d.parquet"), tokenizer.pad_token_id).collate(range(3))
+    ids, attention, replies = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    model = RewardModelWithLMHead.from_causal_lm(init_model, tokenizer.pad_token_id).eval()
+    real = attention.bool()
+    rewards, lm_logits = model(ids, attention, real)
+    assert torch.allclose(rewards, sequence_rewards(model.reward, ids, attention))
+    causal = AutoModelForCausalLM.from_pretrained(init_model).eval()  # the head reads the final-norm hidden state
+    full_logits = causal_logits(causal, ids, attention)
+    assert torch.allclose(lm_logits, full_logits[real], atol=1e-5)
+
+    out = PairwiseReward(use_margin=False, lm_weight=0.5).compute(model, batch)
+    chosen, rejected = rewards.chunk(2)
+    logp = (token_logprobs(full_logits, ids) * replies).sum(-1).chunk(2)[0]  # chosen replies only
+    nll = -(logp / replies.sum(-1).chunk(2)[0]).mean()
+    assert out.metrics["nll/chosen"].item() == pytest.approx(nll.item(), rel=1e-5) and nll.item() > 1.0
+    bt = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+    assert out.loss.item() == pytest.approx(bt.item() + 0.5 * nll.item(), rel=1e-5)
+
+    assert model.lm_head.weight is model.reward.get_input_embeddings().weight  # tied, as in the causal LM
+    model.save_pretrained(tmp_path / "rm", state_dict=model.state_dict())  # the release: no LM head
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    assert not any("lm_head" in name for name in saved.state_dict())
+    assert torch.allclose(sequence_rewards(saved, ids, attention), rewards, atol=1e-6)
+
+    torch.manual_seed(1)  # a causal LM with its own output head gets a trained copy of that head
+    untied = build_model("tiny", len(tokenizer), pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    untied.save_pretrained(tmp_path / "untied")
+    copy = RewardModelWithLMHead.from_causal_lm(tmp_path / "untied", tokenizer.pad_token_id)
+    assert copy.lm_head.weight is not copy.reward.get_input_embeddings().weight
+    assert torch.equal(copy.lm_head.weight, untied.lm_head.weight)
+
+
 class _AlternatingScorer(Scorer):
     """Rewards 1, 0, 1, 0 …: every group has reward variance, whatever the tiny model samples."""
 
@@ -393,7 +432,7 @@ def chain(demo_data, init_model, ray_session, tmp_path_factory):
     sft_result, sft_out = _run(sft, root, "sft", sft_cfg, {})
     prefs = [{"name": "prefs", "path": str(demo_data / "preference_train.jsonl")}]
     held = [{"name": "prefs", "path": str(demo_data / "preference_heldout.jsonl")}]
-    rm_cfg = reward.RewardConfig(data=prefs, validation=held, steps=6, eval_every=6, **SMALL)
+    rm_cfg = reward.RewardConfig(data=prefs, validation=held, steps=6, eval_every=6, lm_weight=1.0, **SMALL)
     rm_result, rm_out = _run(reward, root, "reward", rm_cfg, {"sft": _manifest(sft_out, "sft")})
     upstream = {"sft": _manifest(sft_out, "sft"), "reward": _manifest(rm_out, "reward")}
     # DPO's worker is killed before step 4 (the latest checkpoint is step 2) and Ray Train restarts it
@@ -439,10 +478,12 @@ def test_reward_model_loads_as_sequence_classifier_and_scores_pairs(chain):
     assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], return_tensors="pt", return_dict=True)
     assert model(**ids).logits.shape == (1, 1)
-    for key in ("heldout/accuracy", "heldout/reward_gap", "train/accuracy", "val/accuracy", "train/reward_gap"):
+    for key in ("heldout/accuracy", "heldout/reward_gap", "train/accuracy", "val/accuracy", "train/reward_gap", "train/nll/chosen"):
         assert key in result.metrics, key
+    assert not any("lm_head" in name for name in model.state_dict())  # the LM head regularises training only
     assert 0.0 <= result.metrics["heldout/accuracy"] <= 1.0
-    assert result.metrics["train/loss"] < math.log(2) + 0.05
+    bradley_terry = result.metrics["train/loss"] - 1.0 * result.metrics["train/nll/chosen"]  # lm_weight 1.0
+    assert bradley_terry < math.log(2) + 0.05
 
 
 def test_dpo_logs_margins_and_moves_away_from_the_reference(chain):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from models.heads import positions
 from tasks.train.objectives import ObjectiveOutput
 from tasks.train.post_objectives import (
     AdaptiveKLController,
@@ -37,7 +38,7 @@ from tasks.train.post_objectives import (
     token_entropy,
     token_logprobs,
 )
-from tasks.train.rollout import Experience, RolloutObjective, Sampling, Scorer, positions
+from tasks.train.rollout import Experience, RolloutObjective, Sampling, Scorer
 
 
 def policy_and_values(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

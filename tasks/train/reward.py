@@ -6,6 +6,11 @@ learns from ``prompt``/``chosen``/``rejected`` pairs with the Bradley–Terry lo
 ``-log σ(r_chosen - r_rejected - margin)`` (the margin, per pair, is optional). Held-out metrics:
 pairwise accuracy (share of pairs where the chosen reply scores higher) and the mean reward gap.
 
+``lm_weight`` adds a next-token loss on the chosen replies through the SFT model's output head
+(tied to the embeddings when the SFT model's was; not part of the saved model): the trunk stays a
+language model while the scalar head learns, so the reward generalises past the training prompts
+instead of memorising them (Yang et al. 2024).
+
 Output: ``model/`` (``AutoModelForSequenceClassification.from_pretrained`` loads it, tokenizer
 and chat template included), which ``align`` uses for PPO and GRPO.
 """
@@ -28,13 +33,22 @@ class RewardConfig(PostTrainConfig):
     registered_model: str | None = Field(None, description="MLflow registered model name; default: `{pipeline name}-reward`")
     alias: str = Field("reward", description="MLflow alias moved to the new model version")
     use_margin: bool = Field(True, description="subtract each pair's `margin` (0 when absent) inside the loss")
+    lm_weight: float = Field(
+        0.0, ge=0,
+        description="weight of the chosen replies' next-token loss through the SFT model's output head (0: plain Bradley-Terry)",
+    )
 
 
 def run(ctx: StageContext) -> StageResult:
     # torch and transformers load here, not when the registry imports this module
     from tasks.train.post_data import PairExamples, encode_pair
     from tasks.train.post_stage import materialize, model_uri, on_worker, prepare_data, publish_model, train_and_export
-    from tasks.train.reward_objective import PairwiseReward, load_reward_model, pairwise_metrics
+    from tasks.train.reward_objective import (
+        PairwiseReward,
+        load_reward_model,
+        load_reward_model_with_lm_head,
+        pairwise_metrics,
+    )
 
     cfg: RewardConfig = ctx.config
     start = model_uri(ctx.upstream["sft"])
@@ -43,8 +57,9 @@ def run(ctx: StageContext) -> StageResult:
     fs, pad = ctx.out.fs, tokenizer.pad_token_id
     train = PairExamples(fs, data.train_path, pad)
     val = PairExamples(fs, data.validation_path, pad) if data.validation_path else None
-    build_model = functools.partial(load_reward_model, start, pad)
-    final, metrics = train_and_export(ctx, build_model, PairwiseReward(cfg.use_margin), train, val, tokenizer)
+    build_model = functools.partial(load_reward_model_with_lm_head if cfg.lm_weight else load_reward_model, start, pad)
+    objective = PairwiseReward(cfg.use_margin, cfg.lm_weight)
+    final, metrics = train_and_export(ctx, build_model, objective, train, val, tokenizer)
     if val is not None:
         metrics.update(on_worker(cfg, pairwise_metrics, final, pad, val, cfg.batch_size))
         ctx.log.log_metrics({k: v for k, v in metrics.items() if k.startswith("heldout/")})

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from models.chat import STOP_TOKENS
-from models.heads import reward_model_from, sequence_rewards
+from models.heads import positions, reward_model_from, sequence_rewards
 from tasks.train.objectives import Objective
 from tasks.train.post_data import decode_answers
 from tasks.train.post_objectives import token_logprobs
@@ -37,11 +37,6 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count only real tokens (0 at each row's first token, whatever the padding)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
