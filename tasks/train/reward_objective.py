@@ -44,7 +44,7 @@ class PairwiseReward(Objective):
         gap = (chosen - rejected).detach()
         metrics = {"accuracy": (gap > 0).float().mean(), "reward_gap": gap.mean(), "reward_chosen": chosen.detach().mean()}
         if self.lm_weight:
-            logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[scored].unsqueeze(-1)).squeeze(-1)
+            logp = -F.cross_entropy(logits.float(), ids[scored], reduction="none")
             rows = predict.nonzero()[:, 0]
             per_reply = torch.zeros(len(ids), device=logp.device, dtype=logp.dtype).index_add(0, rows, logp)
             nll = reply_nll(per_reply[:pairs], replies[:pairs].sum(-1))
