@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Locator, Page, expect, sync_playwright
 from prefect.client.orchestration import get_client
 
 from .faults import Clock
@@ -66,6 +66,37 @@ def _field(page: Page, parameter: str):
     return label.locator("xpath=ancestor::div[.//fieldset][1]")
 
 
+def _editor_text(editor: Locator) -> str:
+    """A CodeMirror editor's whole document, read from its state rather than its drawn lines."""
+    return editor.evaluate("content => content.cmView.view.state.doc.toString()")
+
+
+def _replace_editor_text(editor: Locator, text: str) -> None:
+    """Select all of a CodeMirror editor's text and paste ``text`` over it, as an operator would.
+
+    The editor draws only the lines in view, so a DOM selection (what ``Locator.fill`` makes)
+    can miss the lines out of view and leave some of the old text behind the new. And the form
+    fills the editor with the deployment's default config a moment after showing it: text typed
+    before that is overwritten. So the test waits until the editor holds a config that stays put,
+    selects all with the editor's own Ctrl+A, pastes, and reads the whole document back.
+    """
+    editor.wait_for()
+    before = None
+    for _ in range(120):  # a minute at most
+        now = _editor_text(editor)
+        if now.strip() and now == before:
+            break
+        before = now
+        editor.page.wait_for_timeout(500)
+    else:
+        raise AssertionError(f"the config editor never settled; it holds {now[:200]!r}")
+    editor.click()
+    editor.press("Control+a")
+    editor.page.keyboard.insert_text(text)
+    editor.page.wait_for_timeout(500)
+    assert _editor_text(editor) == text
+
+
 def _submit(page: Page, tries: int = 3) -> int:
     """Click Submit until the server creates the flow run; return the clicks it took.
 
@@ -103,11 +134,7 @@ def test_custom_run_from_the_prefect_ui_then_its_run_tree_in_the_mlflow_ui(svc, 
     clock.mark("prefect form open")
     config_field.get_by_role("button", name="Open menu").first.click()  # the config's own menu: type it as JSON
     page.get_by_role("menuitem", name="Use JSON Input").click()
-    # The editor draws only the lines in view, so its text cannot be read back whole: the test
-    # waits for the typed config's first lines, and checks the whole of it on the server below.
-    editor = config_field.locator(".cm-content")
-    editor.fill(json.dumps(config, indent=2))
-    expect(editor).to_contain_text(f'"name": "{config["name"]}"')
+    _replace_editor_text(config_field.locator(".cm-content"), json.dumps(config, indent=2))
     until = _field(page, "until_stage")
     until.get_by_role("tab", name="str").click()  # from None to a stage name
     until.get_by_role("button", name="Select").click()
