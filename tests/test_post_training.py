@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -48,7 +49,7 @@ from tasks.train.post_objectives import token_logprobs
 from tasks.train.ppo import PPO
 from tasks.train.reward_objective import PairwiseReward
 from tasks.train.rewards import arithmetic_reward, final_answer
-from tasks.train.rollout import Sampling, Scorer, causal_logits, generate
+from tasks.train.rollout import Sampling, Scorer, causal_logits, generate, generation_metrics
 
 LOCAL = pafs.LocalFileSystem()
 CONVERSATION = [
@@ -502,12 +503,23 @@ def test_grpo_with_the_arithmetic_verifier(chain, demo_data):
     held = [{"name": "math", "path": str(demo_data / "prompts_heldout.jsonl")}]
     cfg = align.AlignConfig(
         method="grpo", reward="arithmetic", data=prompts, validation=held, steps=2, eval_every=2, eval_tokens=8,
-        sampling={"max_new_tokens": 8}, grpo={"group_size": 2}, **{**SMALL, "batch_size": 2},
+        eval_samples=2, sampling={"max_new_tokens": 8}, grpo={"group_size": 2}, **{**SMALL, "batch_size": 2},
     )
     result, out = _run(align, chain["root"], "align", cfg, chain["upstream"], tag="grpo")
-    for key in ("train/reward/mean", "train/kl", "train/entropy", "train/response_length", "heldout/exact_match", "heldout/exact_match_sft"):
+    for key in ("train/reward/mean", "train/kl", "train/entropy", "train/response_length", "heldout/exact_match",
+                "heldout/exact_match_sft", "heldout/sampled_exact_match", "heldout/sampled_exact_match_sft"):
         assert key in result.metrics, key
     assert (out.path("model") and Path(out.path("model"), "model.safetensors").exists())
+
+    # The held-out measure again, by hand: sampling from the top token alone is greedy decoding,
+    # and the same seed draws the same replies.
+    tokenizer = AutoTokenizer.from_pretrained(out.path("model"))
+    examples = PromptExamples(pafs.LocalFileSystem(), out.path("data/validation.parquet"), tokenizer.pad_token_id)
+    scorer = Scorer(tokenizer, "arithmetic", None)
+    measure = functools.partial(generation_metrics, out.path("model"), scorer, examples, 8, 4)
+    top_only = measure(Sampling(8, top_k=1), 3)
+    assert top_only["heldout/sampled_exact_match"] == top_only["heldout/exact_match"] == result.metrics["heldout/exact_match"]
+    assert measure(Sampling(8), 2, 7) == measure(Sampling(8), 2, 7)
 
 
 def test_ppo_with_the_reward_model_exports_the_policy_alone(chain, demo_data):

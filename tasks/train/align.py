@@ -81,6 +81,7 @@ class AlignConfig(PostTrainConfig):
     reward: str = Field("model", description="grpo/ppo: `model` (the reward stage's model) or a verifier: arithmetic")
     stop_penalty: float = Field(0.0, ge=0, description="grpo/ppo: subtracted from the reward of replies that never stop")
     eval_tokens: int = Field(64, ge=1, description="grpo/ppo: reply length of the greedy held-out evaluation")
+    eval_samples: int = Field(4, ge=0, description="grpo/ppo: replies per held-out prompt sampled as in training, besides the greedy one (0: greedy only)")
     sampling: SamplingSettings = SamplingSettings()
     dpo: DPOSettings = DPOSettings()
     grpo: GRPOSettings = GRPOSettings()
@@ -93,7 +94,7 @@ class AlignConfig(PostTrainConfig):
         others = [s for s in METHOD_SECTIONS if s != self.method and s in changed]
         if others:
             raise ValueError(f"settings for {', '.join(others)} given, but method is {self.method}")
-        sampling_only = sorted({"reward", "sampling", "stop_penalty", "max_prompt_length", "eval_tokens"} & changed)
+        sampling_only = sorted({"reward", "sampling", "stop_penalty", "max_prompt_length", "eval_tokens", "eval_samples"} & changed)
         if self.method == "dpo" and sampling_only:
             raise ValueError(f"{', '.join(sampling_only)} apply to grpo and ppo, not dpo")
         if self.reward != "model" and self.reward not in VERIFIERS:
@@ -103,7 +104,7 @@ class AlignConfig(PostTrainConfig):
 
 def run(ctx: StageContext) -> StageResult:
     # torch and transformers load here, not when the registry imports this module
-    from tasks.train.align_objective import check_reward_model, method_objective, policy_with_value_head
+    from tasks.train.align_objective import check_reward_model, method_objective, policy_with_value_head, training_sampling
     from tasks.train.dpo import preference_metrics
     from tasks.train.post_data import PairExamples, PromptExamples, encode_pair, encode_prompt_row
     from tasks.train.post_stage import (
@@ -131,7 +132,10 @@ def run(ctx: StageContext) -> StageResult:
     def measure(policy: str) -> dict[str, float]:
         if cfg.method == "dpo":
             return on_worker(cfg, preference_metrics, policy, sft, val, cfg.dpo.beta, cfg.batch_size)
-        return on_worker(cfg, generation_metrics, policy, scorer, val, cfg.eval_tokens, cfg.batch_size)
+        return on_worker(
+            cfg, generation_metrics, policy, scorer, val, cfg.eval_tokens, cfg.batch_size,
+            training_sampling(cfg), cfg.eval_samples, cfg.seed,
+        )
 
     metrics: dict[str, float] = {}
     if val is not None:

@@ -32,12 +32,17 @@ def check_reward_model(policy: str, reward_model: str) -> None:
         raise StageError(f"align: the reward model's vocabulary ({vocab[reward_model]}) differs from the policy's ({vocab[policy]})")
 
 
+def training_sampling(cfg: AlignConfig) -> Sampling:
+    """How grpo/ppo sample replies, in training and in the sampled held-out measure."""
+    s = cfg.sampling
+    return Sampling(s.max_new_tokens, s.temperature, s.top_k, s.top_p)
+
+
 def method_objective(cfg: AlignConfig, sft: str, scorer: Scorer | None) -> Objective:
     """The objective of ``cfg.method``, with the SFT model at ``sft`` as its frozen reference."""
     if cfg.method == "dpo":
         return DPO(sft, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.nll_weight)
-    s = cfg.sampling
-    sampling = Sampling(s.max_new_tokens, s.temperature, s.top_k, s.top_p)
+    sampling = training_sampling(cfg)
     if cfg.method == "grpo":
         g = cfg.grpo
         return GRPO(scorer, sampling, sft, group_size=g.group_size, beta=g.beta, clip=g.clip,

@@ -181,24 +181,43 @@ class RolloutObjective(Objective):
 
 
 def generation_metrics(
-    policy_path: str, scorer: Scorer, examples: Any, max_new_tokens: int, batch_size: int
+    policy_path: str, scorer: Scorer, examples: Any, max_new_tokens: int, batch_size: int,
+    sampling: Sampling | None = None, samples: int = 0, seed: int = 0,
 ) -> dict[str, float]:
-    """Greedy replies to every prompt of ``examples`` (a ``PromptExamples``): mean reward and reply
-    length, and exact match (the share of replies the verifier accepts) when the reward is a verifier."""
+    """Replies to every prompt of ``examples`` (a ``PromptExamples``): mean reward and reply length
+    of the greedy replies, and of ``samples`` replies per prompt drawn with ``sampling`` (the
+    training distribution, seeded, so two policies are compared on the same random draws); exact
+    match (the share of replies the verifier accepts) where the reward is a verifier.
+
+    Greedy replies are what a user gets; on a small held-out split they flip on near-ties, so the
+    sampled replies measure the same policy with less noise.
+    """
     device = eval_device()
     policy = frozen(load_causal_lm(policy_path), device)
     scorer.load(device)
-    sampling = Sampling(max_new_tokens, greedy=True)
     stop_ids, pad_id = stop_token_ids(scorer.tokenizer), scorer.tokenizer.pad_token_id
-    total_reward, total_length, count = 0.0, 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = on_device(examples.collate(range(start, min(start + batch_size, len(examples)))), device)
-        rollout = generate(policy, batch["input_ids"], batch["attention_mask"], sampling, stop_ids, pad_id)
-        rewards = scorer(rollout, decode_answers(batch["answer_bytes"]))
-        total_reward += rewards.sum().item()
-        total_length += rollout.response_lengths.sum().item()
-        count += rewards.numel()
-    out = {"heldout/reward": total_reward / count, "heldout/response_length": total_length / count}
+
+    def mean_reward_and_length(how: Sampling, copies: int) -> tuple[float, float]:
+        total_reward, total_length, count = 0.0, 0.0, 0
+        for start in range(0, len(examples), batch_size):
+            batch = on_device(examples.collate(range(start, min(start + batch_size, len(examples)))), device)
+            ids = batch["input_ids"].repeat_interleave(copies, 0)
+            attention = batch["attention_mask"].repeat_interleave(copies, 0)
+            rollout = generate(policy, ids, attention, how, stop_ids, pad_id)
+            answers = [a for a in decode_answers(batch["answer_bytes"].cpu()) for _ in range(copies)]
+            rewards = scorer(rollout, answers)
+            total_reward += rewards.sum().item()
+            total_length += rollout.response_lengths.sum().item()
+            count += rewards.numel()
+        return total_reward / count, total_length / count
+
+    reward, length = mean_reward_and_length(Sampling(max_new_tokens, greedy=True), 1)
+    out = {"heldout/reward": reward, "heldout/response_length": length}
+    if sampling is not None and samples > 0:
+        torch.manual_seed(seed)
+        out["heldout/sampled_reward"], _ = mean_reward_and_length(sampling, samples)
     if scorer.reward != "model":
         out["heldout/exact_match"] = out["heldout/reward"]
+        if "heldout/sampled_reward" in out:
+            out["heldout/sampled_exact_match"] = out["heldout/sampled_reward"]
     return out
