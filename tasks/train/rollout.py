@@ -135,6 +135,18 @@ class Scorer:
         return torch.tensor([verify(r, a) for r, a in zip(replies, answers)], device=rollout.sequences.device)
 
 
+def sample_and_score(
+    model: nn.Module, batch: dict[str, torch.Tensor], copies: int, sampling: Sampling, scorer: Scorer
+) -> tuple[Rollout, torch.Tensor]:
+    """``copies`` replies to each prompt of ``batch`` (consecutive rows) and their float scores."""
+    ids = batch["input_ids"].repeat_interleave(copies, 0)
+    attention = batch["attention_mask"].repeat_interleave(copies, 0)
+    answers = [a for a in decode_answers(batch["answer_bytes"].cpu()) for _ in range(copies)]
+    tokenizer = scorer.tokenizer
+    rollout = generate(model, ids, attention, sampling, stop_token_ids(tokenizer), tokenizer.pad_token_id)
+    return rollout, scorer(rollout, answers).float()
+
+
 @dataclass
 class Experience:
     """Sampled replies with their rewards and the frozen reference's token log-probs."""
@@ -155,7 +167,7 @@ class RolloutObjective(Objective):
 
     def __init__(self, scorer: Scorer, sampling: Sampling, reference_path: str, stop_penalty: float = 0.0):
         self.scorer, self.sampling, self.reference_path, self.stop_penalty = scorer, sampling, reference_path, stop_penalty
-        self.stop_ids, self.pad_id = stop_token_ids(scorer.tokenizer), scorer.tokenizer.pad_token_id
+        self.stop_ids = stop_token_ids(scorer.tokenizer)
         self.reference: nn.Module | None = None
 
     def __getstate__(self) -> dict:  # workers load their own frozen reference
@@ -167,13 +179,10 @@ class RolloutObjective(Objective):
 
     def experience(self, model: nn.Module, batch: dict[str, torch.Tensor], copies: int = 1) -> Experience:
         """Sample ``copies`` replies per prompt of ``batch`` (consecutive rows), score them, get reference log-probs."""
-        ids = batch["input_ids"].repeat_interleave(copies, 0)
-        attention = batch["attention_mask"].repeat_interleave(copies, 0)
-        answers = [a for a in decode_answers(batch["answer_bytes"].cpu()) for _ in range(copies)]
-        rollout = generate(model, ids, attention, self.sampling, self.stop_ids, self.pad_id)
+        rollout, scores = sample_and_score(model, batch, copies, self.sampling, self.scorer)
         reply = rollout.sequences * rollout.response_mask
         stopped = torch.isin(reply, torch.tensor(self.stop_ids, device=reply.device)).any(-1).float()
-        rewards = self.scorer(rollout, answers).float() - self.stop_penalty * (1.0 - stopped)
+        rewards = scores - self.stop_penalty * (1.0 - stopped)
         with torch.no_grad():
             ref_logits = causal_logits(self.reference, rollout.sequences, rollout.attention_mask)
             ref_logprobs = token_logprobs(ref_logits, rollout.sequences)
@@ -195,17 +204,12 @@ def generation_metrics(
     device = eval_device()
     policy = frozen(load_causal_lm(policy_path), device)
     scorer.load(device)
-    stop_ids, pad_id = stop_token_ids(scorer.tokenizer), scorer.tokenizer.pad_token_id
 
     def mean_reward_and_length(how: Sampling, copies: int) -> tuple[float, float]:
         total_reward, total_length, count = 0.0, 0.0, 0
         for start in range(0, len(examples), batch_size):
             batch = on_device(examples.collate(range(start, min(start + batch_size, len(examples)))), device)
-            ids = batch["input_ids"].repeat_interleave(copies, 0)
-            attention = batch["attention_mask"].repeat_interleave(copies, 0)
-            rollout = generate(policy, ids, attention, how, stop_ids, pad_id)
-            answers = [a for a in decode_answers(batch["answer_bytes"].cpu()) for _ in range(copies)]
-            rewards = scorer(rollout, answers)
+            rollout, rewards = sample_and_score(policy, batch, copies, how, scorer)
             total_reward += rewards.sum().item()
             total_length += rollout.response_lengths.sum().item()
             count += rewards.numel()
