@@ -208,4 +208,4 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(rows=kept, counts=counts, metrics=metrics, report=_report(totals, cfg.kinds, cfg))
 
 
-STAGE = Stage(name="pii", upstream=("dedup",), version="1", run=run)
+STAGE = Stage(name="pii", upstream=("dedup",), version="2", run=run)

@@ -26,6 +26,7 @@ from enum import Enum
 import phonenumbers
 from stdnum import iban as stdnum_iban
 from stdnum import luhn
+from stdnum.exceptions import InvalidComponent, ValidationError
 from stdnum.us import ssn as stdnum_ssn
 
 
@@ -120,9 +121,14 @@ _EMAIL = re.compile(
 )
 
 
+# Image file extensions, none of them a top-level domain: ``logo@2x.png`` is a retina asset.
+_FILE_SUFFIXES = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "bmp", "tif", "tiff", "avif", "heic"})
+
+
 def find_emails(text: str) -> Iterator[Hit]:
     for m in _EMAIL.finditer(text):
-        yield Hit(m.start(), m.end(), PiiKind.EMAIL)
+        if m.group().rsplit(".", 1)[1].lower() not in _FILE_SUFFIXES:
+            yield Hit(m.start(), m.end(), PiiKind.EMAIL)
 
 
 # Stretches with at least seven digits: libphonenumber's matcher only runs around these, which
@@ -203,7 +209,8 @@ def _ip_kept(address: str, public_only: bool) -> bool:
 def find_ips(text: str, public_only: bool = True) -> Iterator[Hit]:
     """IPv4 and IPv6 addresses; by default only public ones (private, loopback, reserved stay)."""
     for m in _IPV4.finditer(text):
-        if not _ip_kept(m.group(), public_only) and not _after_non_pii_marker(text, m.start()):
+        user_at_host = re.search(r"\w@$", text[max(0, m.start() - 2) : m.start()]) is not None  # ``ssh root@…``
+        if not _ip_kept(m.group(), public_only) and (user_at_host or not _after_non_pii_marker(text, m.start())):
             yield Hit(m.start(), m.end(), PiiKind.IP_ADDRESS)
     if "::" in text or text.count(":") >= 7:
         for m in _IPV6.finditer(text):  # fewer than three groups: a slice or a prefix (``[::2]``, ``C000::``)
@@ -247,10 +254,30 @@ def find_ssns(text: str) -> Iterator[Hit]:
 _IBAN = re.compile(r"(?<![\w-])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![\w-])")
 
 
+def is_iban(candidate: str) -> bool:
+    """Mod-97 check digits, the country's BBAN layout and its national check digits.
+
+    A bank that python-stdnum's registry does not list (``BE68 5390 0754 7034``, the IBAN
+    registry's own Belgian example) still counts: the registry lags the banks, and an unknown
+    bank code says nothing about whether the number is someone's account.
+    """
+    try:
+        stdnum_iban.validate(candidate, check_country=False)
+    except ValidationError:
+        return False
+    try:
+        stdnum_iban.validate(candidate)
+    except InvalidComponent:
+        return True
+    except ValidationError:
+        return False
+    return True
+
+
 def find_ibans(text: str) -> Iterator[Hit]:
     """IBANs valid for their country's format and the mod-97 check digits."""
     for m in _IBAN.finditer(text):
-        if stdnum_iban.is_valid(m.group()):
+        if is_iban(m.group()):
             yield Hit(m.start(), m.end(), PiiKind.IBAN)
 
 
