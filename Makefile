@@ -31,6 +31,11 @@ $(INSTALLED): pyproject.toml
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "chromium not installed (needs root and apt-get): tests/services/test_ui.py will skip"; fi
+	@# The code-evaluation sandbox (tasks/eval/sandbox.py): Debian's bubblewrap, the same way.
+	@if command -v bwrap >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	else echo "bubblewrap not installed (needs root and apt-get): the code sandbox falls back to its own namespaces and audit hook"; fi
 	touch $(INSTALLED)
 
 install: $(INSTALLED)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tasks.eval.code_exec import CodeRow, CodeSuite
+import tasks.eval.sandbox as sandbox_module
+from tasks.eval.code_exec import CodeRow, CodeSuite, program
 from tasks.eval.sandbox import SandboxLimits, run_program
 from tasks.eval.suite import EvalSettings
 
@@ -72,7 +76,8 @@ def test_writing_outside_the_directory_fails(tmp_path, namespaces):
     tmp_path.chmod(0o777)  # even a world-writable folder is out of reach
     result = run_program(f"open({str(target)!r}, 'w').write('got out')\n", limits(namespaces))
     assert result.status == "failed", (result.status, result.stderr)
-    assert "PermissionError" in result.detail or "Read-only file system" in result.detail
+    # refused by the audit hook or a read-only mount, or not there at all (bwrap's private filesystem)
+    assert any(why in result.detail for why in ("PermissionError", "Read-only file system", "No such file or directory"))
     assert not target.exists()
 
 
@@ -122,3 +127,114 @@ def test_hostile_completions_are_failed_samples_and_pass_at_k_counts_the_good_on
     assert out.metrics["pass@5"] == 1.0
     assert out.metrics["sandbox.timeout"] == pytest.approx(0.2)
     assert not (tmp_path / "out.txt").exists()
+
+
+# --- a pass needs proof that the tests ran to the end; the program sees only its folder and Python ---
+
+ROW = CodeRow(
+    id="1", task_id="t/0", entry_point="double",
+    prompt="def double(x):\n    \"\"\"Return twice x.\"\"\"\n",
+    test="def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(-1) == -2\n",
+)
+PROJECT_FILE = Path(__file__).resolve().parents[1] / "README.md"
+EXIT_TRICKS = {
+    "sys.exit at import": "    return None\nimport sys\nsys.exit(0)\n",
+    "sys.exit in the function": "    import sys\n    sys.exit(0)\n",
+    "os._exit at import": "    return None\nimport os\nos._exit(0)\n",
+    "os._exit in the function": "    import os\n    os._exit(0)\n",
+    "raise SystemExit": "    raise SystemExit\n",
+    "raise SystemExit(0) at import": "    return None\nraise SystemExit(0)\n",
+    "exit from atexit": "    import atexit, os\n    atexit.register(os._exit, 0)\n    raise SystemExit(1)\n",
+}
+
+
+def _no_bwrap(monkeypatch):
+    monkeypatch.setattr(sandbox_module, "bubblewrap", lambda: None)
+
+
+@pytest.fixture(params=["bwrap", "own-namespaces", "audit-hook"])
+def mode(request, monkeypatch):
+    """Each confinement: bwrap (where usable here), the boot's own namespaces, the audit hook alone."""
+    if request.param == "bwrap":
+        if sandbox_module.bubblewrap() is None:
+            pytest.skip("bubblewrap is not installed or cannot create namespaces here")
+        return LIMITS
+    _no_bwrap(monkeypatch)
+    return limits(request.param == "own-namespaces")
+
+
+def test_a_correct_completion_passes_and_the_token_stays_out_of_its_output(mode):
+    result = run_program(program(ROW, "    print('computing')\n    return 2 * x\n"), mode)
+    assert result.status == "passed", (result.stderr, result.isolation)
+    assert result.stdout == "computing\ncomputing\n"  # the completion token is not shown
+
+
+@pytest.mark.parametrize("completion", list(EXIT_TRICKS.values()), ids=list(EXIT_TRICKS))
+def test_leaving_before_the_tests_end_is_no_pass(mode, completion):
+    result = run_program(program(ROW, completion), mode)
+    assert result.status == "failed", (result.status, result.returncode, result.stderr)
+    assert "before its end" in result.detail or "no completion token" in result.detail
+
+
+def test_the_token_is_not_in_argv_environment_or_descriptors(mode):
+    # a completion that goes looking for the token everywhere a harness usually leaves things
+    snoop = (
+        "    import os, sys\n"
+        "    seen = ' '.join(sys.argv) + ' '.join(os.environ.values())\n"
+        "    for fd in range(3, 256):\n"
+        "        try:\n"
+        "            seen += os.read(fd, 4096).decode(errors='replace')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    for line in open(__file__) if os.path.exists(__file__) else []:\n"
+        "        seen += line\n"
+        "    print(seen)\n"
+        "    os._exit(0)\n"
+    )
+    result = run_program(program(ROW, snoop), mode)
+    assert result.status == "failed", (result.status, result.stderr)
+
+
+def test_memory_introspection_is_refused(mode):
+    for probe in ("import gc\n    gc.get_objects()", "import sys\n    sys._current_frames()",
+                  "import ctypes\n    ctypes.string_at(id(x), 8)", "open('/proc/self/mem', 'rb')"):
+        result = run_program(program(ROW, f"    {probe}\n    return 2 * x\n"), mode)
+        assert result.status == "failed" and "PermissionError" in result.detail, (probe, result.stderr)
+
+
+def test_reading_the_project_is_refused(mode):
+    assert PROJECT_FILE.exists()
+    completion = f"    print(open({str(PROJECT_FILE)!r}).read()[:50])\n    return 2 * x\n"
+    result = run_program(program(ROW, completion), mode)
+    assert result.status == "failed", (result.status, result.stdout, result.isolation)
+    assert "Crucible" not in result.stdout
+    listing = run_program(f"import os\nprint(os.listdir({str(PROJECT_FILE.parent)!r}))\n", mode)
+    assert listing.status == "failed" and "README.md" not in listing.stdout
+
+
+def test_bwrap_gives_an_empty_world_but_python_and_the_folder():
+    if sandbox_module.bubblewrap() is None:
+        pytest.skip("bubblewrap is not installed or cannot create namespaces here")
+    source = (
+        "import os, json, sys\n"
+        "open('here.txt', 'w').write('ok')\n"
+        "print(json.dumps({'root': sorted(os.listdir('/')), 'tmp': os.listdir('/tmp'), 'pid': os.getpid(),\n"
+        "                  'home': os.path.exists(os.path.expanduser('~/here.txt')), 'work': os.path.exists('/work')}))\n"
+    )
+    result = run_program(source, LIMITS)
+    assert result.status == "passed", result.stderr
+    seen = json.loads(result.stdout)
+    assert "bubblewrap" in result.isolation and "private-filesystem" in result.isolation
+    assert seen["home"] and not seen["work"]
+    assert "home" not in seen["root"] and seen["pid"] < 10  # its own PID namespace
+    assert len(seen["tmp"]) == 1 and seen["tmp"][0].startswith("crucible-sandbox-")  # a private /tmp
+
+
+def test_bwrap_is_probed_once(monkeypatch):
+    calls = []
+    sandbox_module.bubblewrap.cache_clear()
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a) or real_run(*a, **k))
+    first = sandbox_module.bubblewrap()
+    assert sandbox_module.bubblewrap() == first
+    assert len(calls) == (1 if shutil.which("bwrap") else 0)

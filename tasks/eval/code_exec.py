@@ -4,7 +4,11 @@ Row format (JSONL, HumanEval's own): ``{"task_id": str, "prompt": str, "test": s
 "entry_point": str, "canonical_solution": str?}``. ``prompt`` is the function's signature and
 docstring; the model writes the body; ``test`` defines ``check(candidate)``, which asserts.
 The program ``prompt + completion + test + check(entry_point)`` runs in the sandbox
-(``tasks/eval/sandbox.py``): a sample passes when it exits cleanly within the limits.
+(``tasks/eval/sandbox.py``): a sample passes when it exits cleanly within the limits *and* the
+program ran to its last statement, ``check(entry_point)``, which returned: the sandbox's harness
+prints a per-run secret token only then, and the pass needs it. A completion that leaves early
+(``sys.exit(0)``, ``os._exit(0)``, ``raise SystemExit``, at import or inside the function) is a
+failed sample, as is one that reads files outside its folder and the Python installation.
 
 Metrics: ``pass@k`` for every configured k (the unbiased estimator over ``samples`` replies per
 task), and ``sandbox.<status>``: the share of samples that timed out, hit the memory limit …

@@ -288,4 +288,4 @@ def _publish_curves(ctx: StageContext, runs: dict[str, str], notes: list[str]) -
     return "\n![training curves](training_curves.png)\n"
 
 
-STAGE = Stage(name="evaluate", upstream=UPSTREAM, version="1", run=run, inputs=inputs_digest, optional_upstream=OPTIONAL_UPSTREAM)
+STAGE = Stage(name="evaluate", upstream=UPSTREAM, version="2", run=run, inputs=inputs_digest, optional_upstream=OPTIONAL_UPSTREAM)

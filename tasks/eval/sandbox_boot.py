@@ -18,9 +18,36 @@ program runs:
 - ``user-namespace``: when not root, the namespaces above are created inside a new user
   namespace where the kernel permits unprivileged ones.
 - ``rlimits``: address space (memory), CPU seconds, file size, open files, processes, no cores.
+- ``bubblewrap``: when ``tasks/eval/sandbox.py`` starts this process inside Debian's ``bwrap``,
+  the namespaces above come from it (``--unshare-all``, ``--die-with-parent``) and so does a
+  ``private-filesystem``: only the Python installation and the system's libraries (read-only),
+  the working directory (writable), a private ``/tmp``, ``/proc`` and ``/dev`` exist; nothing
+  else on the machine (the project, other users' files) can even be named.
 - ``audit-hook``: only when a kernel layer is missing, a ``sys.addaudithook`` hook stands in for
-  it: sockets, writes outside the working directory and new processes raise ``PermissionError``.
-  A hook is a fallback, not a boundary (native code can bypass it), and the report says so.
+  it: sockets, writes outside the working directory, reads outside it and the Python
+  installation, and new processes raise ``PermissionError``. A hook is a fallback, not a
+  boundary (native code can bypass it), and the report says so.
+
+**Proof of completion.** A pass needs more than exit status 0, which ``sys.exit(0)``,
+``os._exit(0)`` or ``raise SystemExit`` inside the program give for free. The parent makes a
+random token per run (``secrets``) and hands it over on a pipe that is read and closed here
+before confinement: it is never in the program's file, its argv, its environment, a file or a
+descriptor the program could read. Only after ``runpy`` has run the program to its last
+statement (for code evaluation: ``check(entry_point)`` returned) does this harness write it to
+stdout, with ``os.write`` (the program may have replaced ``sys.stdout``), and end the process
+with ``os._exit(0)``, so nothing the program left behind (atexit handlers, threads) runs after
+the verdict. An exit, exception or signal before that point leaves no token, and the parent
+scores the run as failed whatever the exit status.
+
+The token is a local of ``main`` while the program runs, in the same interpreter: an in-process
+proof cannot be absolute, so the ``integrity`` part of the audit hook (always installed, whatever
+the layers) shuts the routes to another part of the process's memory that need no knowledge of
+this file: ``gc.get_objects``/``get_referrers``/``get_referents``, ``sys._current_frames``,
+every ``ctypes`` call (raw memory), and opening ``/proc/*/mem``; the process is also made
+non-dumpable, so a child it starts cannot read its memory either. What remains is code written
+against this harness that walks its own frames' ``f_back`` up to ``main``; that is an attack on
+the evaluation, not a mistake a model makes on its way to a right answer, and the kernel layers
+still confine it.
 """
 
 from __future__ import annotations
@@ -42,7 +69,7 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
-PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS = 1, 8, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS = 1, 4, 8, 38
 CAP_DAC_READ_SEARCH = 2
 CAPABILITY_VERSION_3 = 0x20080522
 # Per-mount flags a bind remount must keep (the kernel locks them inside user namespaces).
@@ -177,67 +204,122 @@ def _limit(spec: dict) -> None:
         resource.setrlimit(which, (value, value))
 
 
-def _audit_hook(workdir: str, block_network: bool, block_writes: bool, block_processes: bool):
+_MEMORY_FILE = re.compile(r"^/proc/[^/]+/(task/[^/]+/)?mem$")
+_INTEGRITY_EVENTS = {"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._current_frames"}
+
+
+def _audit_hook(workdir: str, read_roots: list[str], block: set[str]):
+    """The audit hook: the ``integrity`` checks always, and the confinement layers named in ``block``
+    (``network``, ``writes``, ``reads``, ``processes``) where the kernel does not provide them."""
     root = os.path.realpath(workdir)
+    readable = [root, os.devnull] + [os.path.realpath(r) for r in read_roots]
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     path_events = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
                    "os.symlink", "os.link", "os.utime", "shutil.rmtree", "shutil.move", "shutil.copyfile"}
     process_events = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-                      "os.forkpty", "pty.spawn", "ctypes.dlopen", "ctypes.call_function"}
+                      "os.forkpty", "pty.spawn"}
 
-    def inside(path) -> bool:
+    def under(path, roots) -> bool:
         if isinstance(path, int):
             return True  # an already-open descriptor
         real = os.path.realpath(os.fsdecode(path))
-        return real == root or real.startswith(root + os.sep) or real == os.devnull
+        return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
     def hook(event: str, args: tuple) -> None:
-        if block_network and event.startswith("socket."):
-            raise PermissionError(f"sandbox: network is disabled ({event})")
-        if block_processes and event in process_events:
-            raise PermissionError(f"sandbox: starting processes is disabled ({event})")
-        if not block_writes:
+        if event in _INTEGRITY_EVENTS or event.startswith("ctypes."):
+            raise PermissionError(f"sandbox: {event} is disabled")
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) \
+                and _MEMORY_FILE.match(os.path.realpath(os.fsdecode(args[0]))):
+            raise PermissionError(f"sandbox: reading process memory is disabled ({args[0]})")
+        if not block:
             return
+        if "network" in block and event.startswith("socket."):
+            raise PermissionError(f"sandbox: network is disabled ({event})")
+        if "processes" in block and event in process_events:
+            raise PermissionError(f"sandbox: starting processes is disabled ({event})")
         if event == "open" and args[0] is not None:
             path, mode, flags = args
             writing = any(c in (mode or "") for c in "wax+") or bool((flags or 0) & write_flags)
-            if writing and not inside(path):
+            if writing and "writes" in block and not under(path, [root, os.devnull]):
                 raise PermissionError(f"sandbox: writing outside the working directory is disabled ({path})")
-        elif event in path_events and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+            if not writing and "reads" in block and not under(path, readable):
+                raise PermissionError(f"sandbox: reading outside the working directory is disabled ({path})")
+        elif event in ("os.listdir", "os.scandir") and "reads" in block and args and args[0] is not None \
+                and not under(args[0], readable):
+            raise PermissionError(f"sandbox: listing outside the working directory is disabled ({args[0]})")
+        elif "writes" in block and event in path_events \
+                and not all(under(a, [root]) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
             raise PermissionError(f"sandbox: changing files outside the working directory is disabled ({event})")
 
     return hook
 
 
+def _take_token(fd: int) -> bytes:
+    """The run's completion token, read whole from its pipe; the descriptor is closed at once."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 256):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).strip()
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - the program may have closed or replaced it
+            pass
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     workdir = spec["workdir"]
-    layers = _namespaces(workdir) if spec["namespaces"] else []
-    if "pid-namespace" in layers:
-        _run_as_pid_one()  # from here on: PID 1 of the new namespace
+    token = _take_token(spec["token_fd"])
+    if spec.get("bubblewrap"):  # the namespaces and the filesystem come from bwrap
+        layers = ["bubblewrap", "network-namespace", "pid-namespace", "private-filesystem"]
+    else:
+        layers = _namespaces(workdir) if spec["namespaces"] else []
+        if "pid-namespace" in layers:
+            _run_as_pid_one()  # from here on: PID 1 of the new namespace
     keep = 0
     if os.geteuid() == 0 and spec["uid"] is not None:
         _become(spec["uid"])
         keep = 1 << CAP_DAC_READ_SEARCH
         layers.append("unprivileged-user")
     _drop_capabilities(keep)
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no other process of this uid may read our memory
     if "pid-namespace" in layers:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # set after the uid change, which clears it
     _limit(spec)
     layers.append("rlimits")
-    missing = {
-        "network": "network-namespace" not in layers,
-        "writes": "read-only-mounts" not in layers,
-        "processes": "pid-namespace" not in layers,
-    }
-    if any(missing.values()):
-        sys.addaudithook(_audit_hook(workdir, missing["network"], missing["writes"], missing["processes"]))
+    block = set()
+    if "network-namespace" not in layers:
+        block.add("network")
+    if "read-only-mounts" not in layers and "private-filesystem" not in layers:
+        block.add("writes")
+    if "private-filesystem" not in layers:
+        block.add("reads")
+    if "pid-namespace" not in layers:
+        block.add("processes")
+    sys.addaudithook(_audit_hook(workdir, spec.get("read_roots", []), block))
+    if block:
         layers.append("audit-hook")
     with os.fdopen(spec["report_fd"], "w") as report:
         json.dump({"isolation": layers}, report)
     os.chdir(workdir)
     sys.argv = [spec["program"]]
-    runpy.run_path(spec["program"], run_name="__main__")
+    try:
+        runpy.run_path(spec["program"], run_name="__main__")
+    except SystemExit as exc:  # an exit before the end is no pass, whatever its code
+        _flush()
+        sys.stderr.write(f"sandbox: the program exited before its end (SystemExit: {exc.code!r})\n")
+        _flush()
+        os._exit(exc.code if isinstance(exc.code, int) and exc.code not in (0, None) else 1)
+    _flush()  # the program reached its last statement: only now does the token leave this process
+    os.write(1, b"\n" + token + b"\n")
+    os._exit(0)
 
 
 if __name__ == "__main__":
