@@ -125,6 +125,37 @@ def test_select_copies_is_deterministic_and_unbiased():
     assert not out.equals(tokenize.select_copies(batch, rates, seed=4))
 
 
+def test_rejected_documents_are_exactly_those_without_a_copy_and_say_why():
+    n = 3000
+    cells = [("web", "en"), ("web", "fr"), ("news", "en"), ("web", "de"), ("code", "en")]
+    batch = pa.table(
+        {
+            "id": [f"d{i}" for i in range(n)],
+            "source": [f"s{i % 7}" for i in range(n)],
+            "domain": [cells[i % len(cells)][0] for i in range(n)],
+            "lang": [cells[i % len(cells)][1] for i in range(n)],
+            "val": [i % 9 == 0 for i in range(n)],
+        }
+    )
+    # web/en subsampled, web/fr repeated; code/en is mixed in but has no rate (no training tokens)
+    rates = {("web", "en"): 0.4, ("web", "fr"): 1.5}
+    kept = set(tokenize.select_copies(batch, rates, seed=2).column("id").to_pylist())
+    rejected = tokenize.rejected_documents(batch, rates, 2, ["code", "web"], ["en", "fr"])
+    assert rejected.schema == tokenize.REJECTED_SCHEMA
+    gone = rejected.column("id").to_pylist()
+    assert set(gone).isdisjoint(kept) and set(gone) | kept == set(batch.column("id").to_pylist())
+    by_cell = {}
+    for row in rejected.to_pylist():
+        by_cell.setdefault((row["domain"], row["lang"]), set()).add((row["reason"], row["split"]))
+        assert row["source"] == f"s{int(row['id'][1:]) % 7}"
+    assert by_cell[("news", "en")] == {("domain_not_in_mix", "train"), ("domain_not_in_mix", "val")}
+    assert by_cell[("web", "de")] == {("lang_not_in_mix", "train"), ("lang_not_in_mix", "val")}
+    assert by_cell[("web", "en")] == {("mix_subsampled", "train")}  # validation documents are never subsampled
+    assert by_cell[("code", "en")] == {("no_training_documents", "train"), ("no_training_documents", "val")}
+    assert ("web", "fr") not in by_cell
+    assert tokenize.rejected_documents(batch.slice(1, 1), rates, 2, None, None).num_rows == 0  # web/fr: kept
+
+
 # ---------------------------------------------------------------------------------- format
 
 
@@ -187,7 +218,7 @@ def corpus(tmp_path_factory):
         for i in range(count):
             lang = "fr" if i % 3 == 0 else "en"
             body = " ".join(rng.choice(WORDS[lang]) for _ in range(rng.randint(*LENGTHS[domain])))
-            rows.append({"id": f"{domain}/{i}", "text": f"{domain} {i}: {body}", "domain": domain, "lang": lang})
+            rows.append({"id": f"{domain}/{i}", "text": f"{domain} {i}: {body}", "source": f"src-{domain}", "domain": domain, "lang": lang})
     table = pa.Table.from_pylist(rows)
     (root / "docs" / "documents").mkdir(parents=True)
     pq.write_table(table.slice(0, 1300), root / "docs" / "documents" / "a.parquet")
@@ -281,3 +312,28 @@ def test_stage_drops_unlisted_domains_and_keeps_the_validation_set(corpus, ray_s
         pq.write_table(pa.table({"id": ["a"], "text": ["x"], "domain": ["web"]}), no_lang / "documents" / "a.parquet")
         docs = _manifest("pii", no_lang, ["documents/a.parquet"], 1)
         _run({**corpus, "documents": docs}, "no-lang", lang_mix={"en": 1})
+
+
+def test_stage_keeps_what_it_drops_in_rejected(corpus, ray_session):
+    """news is not in the mix, web and code are subsampled to the budget: every document left out is a
+    row of rejected/ with its reason, and the manifest counts agree."""
+    result, out = _run(corpus, "rejected", seq_len=32, mix={"web": 1, "code": 1}, total_tokens=3000, val_fraction=0.1, seed=1)
+    rejected = pq.read_table(out.path(tokenize.REJECTED))
+    assert rejected.schema.equals(tokenize.REJECTED_SCHEMA)
+    rows = rejected.to_pylist()
+    reasons = Counter(r["reason"] for r in rows)
+    assert set(reasons) == {"domain_not_in_mix", "mix_subsampled"}
+    assert {r["id"] for r in rows if r["reason"] == "domain_not_in_mix"} == {i for i in corpus["rows"] if i.startswith("news/")}
+    subsampled = [r for r in rows if r["reason"] == "mix_subsampled"]
+    assert subsampled and all(r["split"] == "train" and r["domain"] in ("web", "code") for r in subsampled)
+    assert all(r["source"] == corpus["rows"][r["id"]]["source"] and r["domain"] == corpus["rows"][r["id"]]["domain"] for r in rows)
+    assert len({r["id"] for r in rows}) == len(rows)
+
+    assert result.counts["rejected"] == len(rows)
+    assert {k: v for k, v in result.counts.items() if k.startswith("rejected.")} == {f"rejected.{k}": v for k, v in reasons.items()}
+    index = tokenize.read_token_index(out.root)
+    # every rate is below 1 here: each document is packed once, or rejected once
+    assert index.splits["train"].documents + index.splits["val"].documents + len(rows) == len(corpus["rows"])
+    packed = _documents_in(corpus, tokenize.load_token_shards(out.root, "train"))
+    assert not set(packed) & {r["id"] for r in rows}
+    assert "rejected/" in result.report

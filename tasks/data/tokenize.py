@@ -15,7 +15,14 @@ How (Ray Data, then one streaming consumer):
    ``r`` appears ``floor(r)`` times plus once more when ``uniform(seed, id) < r - floor(r)``:
    deterministic, unbiased, and repeats are whole documents. Domains (languages) missing from
    ``mix`` (``lang_mix``) or weighted 0 are dropped. Validation documents are never repeated or
-   subsampled; only those of dropped cells are left out.
+   subsampled; only those of dropped cells are left out. Every document that ends with no copy
+   is kept for audit in ``rejected/00000.parquet`` (``id``, ``source``, ``domain``, ``lang``,
+   ``split``, ``reason``), like the other data stages' removed rows, and counted in the manifest
+   as ``rejected`` and ``rejected.<reason>``. The reasons, in the order they are decided:
+   ``domain_not_in_mix`` (missing from ``mix`` or weighted 0), ``lang_not_in_mix`` (likewise
+   for ``lang_mix``), ``no_training_documents`` (a validation document of a domain/language
+   cell that has no training tokens, so no rate) and ``mix_subsampled`` (a training document
+   of a subsampled cell, rate below 1, that drew no copy).
 3. **Order.** Every document copy gets the key ``hash(seed, id, copy)`` and Ray Data sorts on it:
    a seeded shuffle in which the copies of a repeated document land far apart, and an order
    that does not depend on the number of workers or the shard layout.
@@ -61,6 +68,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.data.filter import _ShardWriter
+from tasks.data.filters.batch import REASON_FIELD
 from tasks.data.tokenizer import (
     filesystem_and_path,
     id_hashes,
@@ -81,6 +90,11 @@ MIX_ITERATIONS = 500
 MIX_TOLERANCE = 1e-6
 
 Cell = tuple[str, str]  # (domain, lang); lang is "" when languages are not mixed
+REJECTED = "rejected/00000.parquet"
+REJECTED_SCHEMA = pa.schema(
+    [("id", pa.string()), ("source", pa.string()), ("domain", pa.string()), ("lang", pa.string()),
+     ("split", pa.string()), REASON_FIELD]
+)
 
 
 class TokenizeConfig(BaseModel):
@@ -307,9 +321,9 @@ def plan_mix(
 class TokenizeDocuments:
     """Ray Data actor: loads the tokenizer once, then turns document batches into token lists."""
 
-    def __init__(self, tokenizer: str, val_fraction: float, use_lang: bool):
+    def __init__(self, tokenizer: str, val_fraction: float, use_lang: bool, has_source: bool = True):
         self.backend = load_backend_tokenizer(tokenizer)
-        self.val_fraction, self.use_lang = val_fraction, use_lang
+        self.val_fraction, self.use_lang, self.has_source = val_fraction, use_lang, has_source
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         encodings = self.backend.encode_batch_fast(batch.column("text").to_pylist(), add_special_tokens=False)
@@ -318,9 +332,11 @@ class TokenizeDocuments:
         values = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.uint32, count=int(offsets[-1]))
         ids = batch.column("id")
         lang = pc.fill_null(batch.column("lang"), "") if self.use_lang else pa.array([""] * len(batch), pa.string())
+        source = batch.column("source") if self.has_source else pa.nulls(len(batch), pa.string())
         return pa.table(
             {
                 "id": ids,
+                "source": source,
                 "domain": batch.column("domain"),
                 "lang": lang,
                 "val": pa.array(id_uniform(ids.to_pylist(), VAL_SALT) < self.val_fraction),
@@ -330,20 +346,63 @@ class TokenizeDocuments:
         )
 
 
-def select_copies(batch: pa.Table, rates: dict[Cell, float], seed: int) -> pa.Table:
-    """Repeat/subsample documents to their cell's rate; give each copy its order key."""
+def _rates_and_copies(batch: pa.Table, rates: dict[Cell, float], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's cell rate and number of copies (validation: 1 when its cell is mixed in)."""
     cells = zip(batch.column("domain").to_pylist(), batch.column("lang").to_pylist())
     rate = np.array([rates.get(c, 0.0) for c in cells], dtype=np.float64)
     ids = batch.column("id").to_pylist()
     whole = np.floor(rate)
     train_copies = whole.astype(np.int64) + (id_uniform(ids, f"tokenize-mix:{seed}") < rate - whole)
-    val = batch.column("val").to_numpy()
-    copies = np.where(val, (rate > 0).astype(np.int64), train_copies)
+    val = batch.column("val").to_numpy(zero_copy_only=False)
+    return rate, np.where(val, (rate > 0).astype(np.int64), train_copies)
+
+
+def select_copies(batch: pa.Table, rates: dict[Cell, float], seed: int) -> pa.Table:
+    """Repeat/subsample documents to their cell's rate; give each copy its order key."""
+    ids = batch.column("id").to_pylist()
+    _, copies = _rates_and_copies(batch, rates, seed)
     rows = np.repeat(np.arange(len(batch)), copies)
     copy = np.arange(len(rows)) - np.repeat(np.cumsum(copies) - copies, copies)
     keys = id_hashes([f"{ids[r]}\0{c}" for r, c in zip(rows, copy)], f"tokenize-order:{seed}") >> np.uint64(1)
     out = batch.take(pa.array(rows, type=pa.int64()))
     return out.append_column("copy", pa.array(copy)).append_column("key", pa.array(keys.astype(np.int64)))
+
+
+def rejected_documents(
+    batch: pa.Table, rates: dict[Cell, float], seed: int, domains: list[str] | None, langs: list[str] | None
+) -> pa.Table:
+    """The documents of ``batch`` that get no copy, with why (``REJECTED_SCHEMA``).
+
+    ``domains``/``langs``: the domains/languages mixed in (positive weight), None when that axis
+    is not mixed. Decided with the same rates and draws as ``select_copies``, so the two agree.
+    """
+    rate, copies = _rates_and_copies(batch, rates, seed)
+    gone = np.flatnonzero(copies == 0)
+    if not len(gone):
+        return REJECTED_SCHEMA.empty_table()
+    part = batch.take(pa.array(gone, type=pa.int64()))
+    val = part.column("val").to_pylist()
+    reasons = []
+    for domain, lang, r in zip(part.column("domain").to_pylist(), part.column("lang").to_pylist(), rate[gone]):
+        if domains is not None and domain not in domains:
+            reasons.append("domain_not_in_mix")
+        elif langs is not None and lang not in langs:
+            reasons.append("lang_not_in_mix")
+        elif r == 0:
+            reasons.append("no_training_documents")
+        else:
+            reasons.append("mix_subsampled")
+    return pa.table(
+        {
+            "id": part.column("id"),
+            "source": part.column("source") if "source" in part.column_names else pa.nulls(len(part), pa.string()),
+            "domain": part.column("domain"),
+            "lang": part.column("lang") if langs is not None else pa.nulls(len(part), pa.string()),
+            "split": pa.array(["val" if v else "train" for v in val], pa.string()),
+            "reason": pa.array(reasons, pa.string()),
+        },
+        schema=REJECTED_SCHEMA,
+    )
 
 
 # ---------------------------------------------------------------------------------- packing
@@ -432,9 +491,30 @@ def _documents_manifest(ctx: StageContext) -> Manifest:
     return documents
 
 
-def _has_lang(paths: list[str]) -> bool:
+def _has_column(paths: list[str], column: str) -> bool:
     fs, path = filesystem_and_path(paths[0])
-    return "lang" in pq.read_schema(path, filesystem=fs).names
+    return column in pq.read_schema(path, filesystem=fs).names
+
+
+def _write_rejected(
+    ctx: StageContext, tokenized: Any, rates: dict[Cell, float], cfg: TokenizeConfig
+) -> Counter[str]:
+    """Every document left out of the mix into ``rejected/`` (filter's shard writer); counts by reason."""
+    ctx.out.make("rejected")
+    writer = _ShardWriter(ctx.out.fs, ctx.out.path(REJECTED), REJECTED_SCHEMA)
+    domains = sorted(_shares(cfg.mix)) if cfg.mix is not None else None
+    langs = sorted(_shares(cfg.lang_mix)) if cfg.lang_mix is not None else None
+    reasons: Counter[str] = Counter()
+    rejected = tokenized.select_columns(["id", "source", "domain", "lang", "val"]).map_batches(
+        rejected_documents, batch_format="pyarrow",
+        fn_kwargs={"rates": rates, "seed": cfg.seed, "domains": domains, "langs": langs},
+    )
+    for batch in rejected.iter_batches(batch_format="pyarrow", batch_size=None):
+        if batch.num_rows:
+            writer.write(batch)
+            reasons.update(batch.column("reason").to_pylist())
+    writer.close(keep_empty=True)
+    return reasons
 
 
 def _training_tokens(tokenized: Any) -> Counter[Cell]:
@@ -486,7 +566,7 @@ def run(ctx: StageContext) -> StageResult:
     if not paths:
         raise StageError("tokenize: the upstream stage has no documents")
     use_lang = cfg.lang_mix is not None
-    if use_lang and not _has_lang(paths):
+    if use_lang and not _has_column(paths, "lang"):
         raise StageError("tokenize: lang_mix needs a `lang` column (added by the filter stage's language ID)")
     tok_uri = tokenizer_uri(ctx.upstream["tokenizer"])
     tokenizer = load_stage_tokenizer(tok_uri)
@@ -494,12 +574,13 @@ def run(ctx: StageContext) -> StageResult:
     dtype = "uint16" if vocab <= 2**16 else "uint32"
 
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    columns = ["id", "text", "domain"] + (["lang"] if use_lang else [])
+    has_source = _has_column(paths, "source")
+    columns = ["id", "text", "domain"] + (["source"] if has_source else []) + (["lang"] if use_lang else [])
     tokenized = (
         ray.data.read_parquet(paths, columns=columns)
         .map_batches(
             TokenizeDocuments,
-            fn_constructor_args=(tok_uri, cfg.val_fraction, use_lang),
+            fn_constructor_args=(tok_uri, cfg.val_fraction, use_lang, has_source),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
@@ -508,6 +589,7 @@ def run(ctx: StageContext) -> StageResult:
     )
     available = _training_tokens(tokenized)
     rates, budget = plan_mix(available, cfg.mix, cfg.lang_mix, cfg.total_tokens)
+    rejected = _write_rejected(ctx, tokenized, rates, cfg)
 
     packers = {split: SequencePacker(cfg.seq_len) for split in SPLITS}
     writers = {split: ShardWriter(ctx.out, split, cfg.sequences_per_shard, dtype) for split in SPLITS}
@@ -552,11 +634,13 @@ def run(ctx: StageContext) -> StageResult:
     )
     ctx.out.write_bytes_atomic(INDEX, index.model_dump_json(indent=2).encode())
     ctx.log.log_dict(index.model_dump(mode="json"), INDEX)
-    return _result(index)
+    return _result(index, rejected)
 
 
-def _result(index: TokenIndex) -> StageResult:
-    counts: dict[str, int] = {}
+def _result(index: TokenIndex, rejected: Counter[str] | None = None) -> StageResult:
+    rejected = rejected or Counter()
+    counts: dict[str, int] = {"rejected": sum(rejected.values())}
+    counts |= {f"rejected.{reason}": n for reason, n in sorted(rejected.items())}
     for split, entry in index.splits.items():
         counts |= {
             f"sequences.{split}": entry.sequences,
@@ -584,7 +668,12 @@ def _result(index: TokenIndex) -> StageResult:
         f"(**{tokens}** tokens, {index.dtype}, vocabulary {index.vocab_size}).\n\n"
         f"| domain | available tokens | target share | achieved share | packed tokens |\n|---|---|---|---|---|\n{table}\n"
     )
+    if rejected:
+        report += (
+            f"\n**{sum(rejected.values())}** documents left out of the mix (see `rejected/`): "
+            + ", ".join(f"`{reason}` {n}" for reason, n in sorted(rejected.items())) + ".\n"
+        )
     return StageResult(rows=rows, tokens=tokens, counts=counts, metrics=metrics, report=report)
 
 
-STAGE = Stage(name="tokenize", upstream=("pii", "tokenizer"), version="1", run=run)
+STAGE = Stage(name="tokenize", upstream=("pii", "tokenizer"), version="2", run=run)
