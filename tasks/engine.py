@@ -234,7 +234,10 @@ def run_pipeline(
     """Run the selected slice of the chain under one MLflow parent run.
 
     ``from_stage`` reruns that stage and every later selected stage (forced); earlier stages
-    are read from the store and must be complete. ``force`` reruns exactly the stages named.
+    are read from the store and must be complete. ``force`` reruns the stages named and every
+    configured stage that depends on one of them, directly or through others: a forced stage
+    replaces its output at the same fingerprint, so nothing downstream may stay cached on the
+    output it replaced.
     ``runner`` runs one stage (the Prefect pipeline passes a per-stage subflow);
     ``on_outcome(stage, state, outcome, seconds)`` hears about every stage, failures included.
     """
@@ -246,6 +249,9 @@ def run_pipeline(
     if from_stage:
         force |= set(selected)
     planned = planned or plan(config)  # callers that already planned pass it: plan() digests input files
+    for name, stage in planned.items():  # pipeline order: a stage's upstreams are decided before it
+        if any(up in force for up in stage.upstream):
+            force.add(name)
     uri = tracking_uri(config.tracking.uri)
     deliver_spool()  # calls an earlier run could not deliver
     parent = start_run(uri, _experiment(config), f"{config.name}-pipeline", None, {

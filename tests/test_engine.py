@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 import tasks.registry as registry
 from tasks.config import load_config, validate_config
-from tasks.engine import fingerprint, plan, run_pipeline, run_stage
+from tasks.engine import StageOutcome, fingerprint, plan, run_pipeline, run_stage
 from tasks.errors import StageError
 from tasks.stage import Stage
 from tasks.tracking import tracking_uri
@@ -143,9 +143,13 @@ def test_crash_before_manifest_leaves_stage_missing(tiny, ray_session, monkeypat
 
 def test_force_and_from_rerun_exactly_what_they_should(tiny, ray_session):
     stages = tiny.configured_stages()
-    run_pipeline(tiny)
-    forced = run_pipeline(tiny, force=["ingest"])
-    assert [(o.stage, o.state) for o in forced] == [("ingest", "ran")] + [(s, "cached") for s in stages[1:]]
+    first = run_pipeline(tiny)
+    forced_last = run_pipeline(tiny, force=[stages[-1]])  # what is upstream of a forced stage stays cached
+    assert [(o.stage, o.state) for o in forced_last] == [(s, "cached") for s in stages[:-1]] + [(stages[-1], "ran")]
+    forced = run_pipeline(tiny, force=["ingest"])  # ... and what is downstream of it reruns
+    assert [(o.stage, o.state) for o in forced] == [(s, "ran") for s in stages]
+    assert [o.manifest.fingerprint for o in forced] == [o.manifest.fingerprint for o in first]
+    assert forced[-1].manifest.started_at > forced[0].manifest.finished_at  # rebuilt on the new ingest output
     from_last = run_pipeline(tiny, from_stage=stages[-1])
     assert [(o.stage, o.state) for o in from_last] == [(stages[-1], "ran")]
     until_first = run_pipeline(tiny, until_stage="ingest")
@@ -168,3 +172,34 @@ def test_bad_slices_are_refused(tiny, monkeypatch):
     monkeypatch.delitem(registry.STAGES, "evaluate", raising=False)
     with pytest.raises(StageError, match="not implemented"):
         run_pipeline(tiny, until_stage="evaluate")
+
+
+def test_force_reruns_everything_downstream_transitively(tmp_home):
+    """--force S reruns S and each configured stage that depends on it through any path, and only those."""
+    config = load_config("configs/tiny.yaml")
+    planned = plan(config)
+    calls: dict[str, bool] = {}
+
+    def runner(config, name, *, force, upstream, parent_run_id, planned):
+        calls[name] = force
+        return StageOutcome.model_construct(stage=name, state="ran" if force else "cached", manifest=None, duration_s=0.0)
+
+    def forced(force, **kw) -> list[str]:
+        calls.clear()
+        run_pipeline(config, force=force, runner=runner, planned=planned, **kw)
+        return [name for name, f in calls.items() if f]
+
+    def downstream_of(stage: str) -> set[str]:
+        found = {stage}
+        for name, p in planned.items():
+            if set(p.upstream) & found:
+                found.add(name)
+        return found
+
+    assert forced(["tokenize"], until_stage="pretrain") == ["tokenize", "pretrain"]
+    assert forced(["tokenizer"]) == [s for s in planned if s in downstream_of("tokenizer")]
+    assert {"tokenize", "pretrain", "evaluate"} <= set(forced(["tokenizer"]))
+    assert forced(["evaluate"]) == ["evaluate"]
+    assert forced(["pretrain"]) == [s for s in planned if s in downstream_of("pretrain")]
+    assert "tokenize" not in forced(["pretrain"]) and "evaluate" in forced(["pretrain"])
+    assert forced([]) == []
