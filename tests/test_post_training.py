@@ -46,7 +46,7 @@ from tasks.train.post_data import (
     write_examples,
 )
 from tasks.train.post_objectives import token_logprobs
-from tasks.train.ppo import PPO
+from tasks.train.ppo import PPO, policy_and_values
 from tasks.train.reward_objective import PairwiseReward
 from tasks.train.rewards import arithmetic_reward, final_answer
 from tasks.train.rollout import Sampling, Scorer, causal_logits, generate, generation_metrics
@@ -386,6 +386,35 @@ def test_ppo_reuses_a_rollout_for_its_epochs_then_samples_again(tokenizer, init_
     assert len(sampled) == 3
 
 
+def test_ppo_update_pushes_up_the_rewarded_replies(tokenizer, init_model, tmp_path):
+    batch = _prompt_batch(tokenizer, tmp_path, [("What is 2 + 3?", "5"), ("What is 4 - 1?", "3"), ("What is 6 + 1?", "7"), ("What is 9 - 8?", "1")])
+    settings = align.PPOSettings(epochs=1, kl_coef=0.05)
+    objective = PPO(_AlternatingScorer(tokenizer), Sampling(5), str(init_model), settings, grad_accum=1)
+    objective.prepare(torch.device("cpu"))
+    policy = PolicyWithValueHead.from_pretrained(init_model)
+    torch.manual_seed(2)
+    captured = {}
+    original = objective.rollout
+    objective.rollout = lambda *a, **k: captured.setdefault("data", original(*a, **k))
+    out = objective.compute(policy, batch)
+    data = captured["data"]
+    rewarded = torch.arange(len(data["score"])) % 2 == 0
+    assert data["score"][rewarded].tolist() == [1.0, 1.0] and data["kl"].abs().max().item() < 1e-5  # policy = reference
+    advantage = (data["advantages"] * data["mask"]).sum(-1) / data["mask"].sum(-1)
+    assert advantage[rewarded].min() > advantage[~rewarded].max()  # the scored replies lead, token by token
+
+    def reply_logprobs():
+        _, logp, _ = policy_and_values(policy, data["sequences"], data["attention_mask"])
+        P = data["sequences"].shape[1] - data["mask"].shape[1]
+        return (logp[:, P:] * data["mask"]).sum(-1) / data["mask"].sum(-1)
+
+    before = reply_logprobs().detach()
+    out.loss.backward()
+    torch.optim.SGD(policy.parameters(), lr=0.5).step()
+    change = reply_logprobs().detach() - before
+    assert change[rewarded].mean() > change[~rewarded].mean() + 0.05
+
+
 def test_generation_stops_at_the_first_stop_token(tokenizer, init_model):
     model = AutoModelForCausalLM.from_pretrained(init_model).eval()
     ids = torch.tensor([encode_prompt(tokenizer, [{"role": "user", "content": "hi"}])])
@@ -419,6 +448,17 @@ def _run(module, root: Path, name: str, cfg, upstream: dict[str, Manifest], tag:
 SMALL = {"batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "eval_batches": 1, "max_length": 160}
 
 
+def _toy_preferences(folder: Path) -> tuple[Path, Path]:
+    """Pairs a reward model can separate: a worked sum is preferred to a curt refusal to answer.
+    The held-out pairs ask other sums."""
+    def pair(a: int, b: int) -> dict:
+        return {"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}. The answer is {a + b}.",
+                "rejected": "No. Work it out yourself."}
+    train = [pair(a, b) for a in range(2, 10) for b in range(1, 7)]  # 48 pairs
+    held = [pair(a, b) for a in range(11, 15) for b in range(21, 25)]  # 16 pairs, numbers never trained on
+    return _jsonl(folder / "toy_train.jsonl", train), _jsonl(folder / "toy_heldout.jsonl", held)
+
+
 @pytest.fixture(scope="module")
 def chain(demo_data, init_model, ray_session, tmp_path_factory):
     """sft (packed, a bad row in its data) → reward → align: dpo, a few steps each."""
@@ -433,7 +473,9 @@ def chain(demo_data, init_model, ray_session, tmp_path_factory):
     sft_result, sft_out = _run(sft, root, "sft", sft_cfg, {})
     prefs = [{"name": "prefs", "path": str(demo_data / "preference_train.jsonl")}]
     held = [{"name": "prefs", "path": str(demo_data / "preference_heldout.jsonl")}]
-    rm_cfg = reward.RewardConfig(data=prefs, validation=held, steps=6, eval_every=6, lm_weight=1.0, **SMALL)
+    toy_train, toy_held = _toy_preferences(root)
+    rm_cfg = reward.RewardConfig(data=[{"name": "toy", "path": str(toy_train)}], validation=[{"name": "toy", "path": str(toy_held)}],
+                                 steps=12, eval_every=12, lm_weight=1.0, **SMALL)
     rm_result, rm_out = _run(reward, root, "reward", rm_cfg, {"sft": _manifest(sft_out, "sft")})
     upstream = {"sft": _manifest(sft_out, "sft"), "reward": _manifest(rm_out, "reward")}
     # DPO's worker is killed before step 4 (the latest checkpoint is step 2) and Ray Train restarts it
@@ -482,7 +524,9 @@ def test_reward_model_loads_as_sequence_classifier_and_scores_pairs(chain):
     for key in ("heldout/accuracy", "heldout/reward_gap", "train/accuracy", "val/accuracy", "train/reward_gap", "train/nll/chosen"):
         assert key in result.metrics, key
     assert not any("lm_head" in name for name in model.state_dict())  # the LM head regularises training only
-    assert 0.0 <= result.metrics["heldout/accuracy"] <= 1.0
+    # a separable toy set: the held-out pairs (sums never seen) are ranked right, by a clear gap
+    assert result.metrics["heldout/accuracy"] >= 0.9, result.metrics
+    assert result.metrics["heldout/reward_gap"] > 0.5, result.metrics
     bradley_terry = result.metrics["train/loss"] - 1.0 * result.metrics["train/nll/chosen"]  # lm_weight 1.0
     assert bradley_terry < math.log(2) + 0.05
 
@@ -494,6 +538,9 @@ def test_dpo_logs_margins_and_moves_away_from_the_reference(chain):
     for key in ("train/rewards/margin", "train/rewards/accuracy", "train/logps/chosen", "train/logps/rejected", "val/rewards/margin"):
         assert key in m, key
     assert m["heldout/rewards/chosen"] != 0.0  # the policy left the reference
+    # the implicit-reward margin on held-out pairs (zero for the SFT model against itself) widened
+    assert m["heldout/rewards/margin"] > m["heldout/rewards/margin_sft"] + 0.005, m
+    assert m["heldout/rewards/chosen"] > m["heldout/rewards/rejected"]
     model = AutoModelForCausalLM.from_pretrained(out.path("model"))
     assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(out.path("model")))
 
@@ -532,6 +579,10 @@ def test_ppo_with_the_reward_model_exports_the_policy_alone(chain, demo_data):
     for key in ("train/reward/mean", "train/kl", "train/kl_coef", "train/entropy", "train/clip_fraction",
                 "train/value_loss", "train/response_length"):
         assert key in result.metrics, key
+    m = result.metrics
+    # step 2 is the rollout's second epoch: the policy moved off the sampling policy, and the KL to
+    # the reference stays under the target, so the adaptive coefficient moved down from 0.05
+    assert m["train/approx_kl"] > 0 and m["train/kl"] < 1.0 and m["train/kl_coef"] < 0.05
     from safetensors import safe_open
 
     with safe_open(out.path("model/model.safetensors"), "pt") as f:
