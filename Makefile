@@ -18,7 +18,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Where `make services` keeps its state and the env file it writes (deployments/services.py).
 SERVICES_ENV = $${CRUCIBLE_HOME:-.crucible}/services/env
 
-.PHONY: install demo test clean services services-down demo-on-services
+.PHONY: install demo finetune test clean services services-down demo-on-services
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ install: $(INSTALLED)
 demo: install
 	$(VENV)/bin/crucible demo-data .crucible/demo-data
 	$(VENV)/bin/crucible run configs/demo.yaml
+
+# LoRA SFT + DPO from a checkpoint outside the store: the demo's pretrained model, copied by
+# demo-data once `make demo` has made it (configs/finetune.yaml says how to use a downloaded model).
+finetune: install
+	$(VENV)/bin/crucible demo-data .crucible/demo-data
+	$(VENV)/bin/crucible run configs/finetune.yaml
 
 test: install
 	$(VENV)/bin/pytest

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import flows  # noqa: F401  (embedded defaults before Prefect is imported)
 from tasks.config import load_config
-from tasks.errors import CrucibleError
+from tasks.errors import ConfigError, CrucibleError
 from tasks.registry import STAGE_ORDER, STAGES
 from tasks.store import read_text
 
@@ -118,7 +118,33 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
             if changed:
                 shutil.move(path, final)
             print(f"  {name:<24} {final}  ({'written' if changed else 'unchanged'})")
+    _copy_demo_checkpoint(target / "checkpoint")
     return 0
+
+
+def _copy_demo_checkpoint(dest: Path) -> None:
+    """Copy the demo's pretrained model, when ``make demo`` has made it, to ``dest``: the open-weight
+    stand-in that ``configs/finetune.yaml`` fine-tunes (a folder outside the store, as a download is)."""
+    from tasks.engine import plan
+
+    MODEL_DIR = "model"  # noqa: N806 - the folder every training stage exports (post_stage.MODEL_DIR, without torch)
+
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    try:
+        manifest = plan(load_config(demo))["pretrain"].manifest() if demo.is_file() else None
+    except ConfigError:  # the demo's own data is not there yet
+        manifest = None
+    if manifest is None:
+        print(f"  {'checkpoint':<24} {dest}  (not yet: the demo's pretrain stage has not run)")
+        return
+    source = Path(manifest.path) / MODEL_DIR
+    same = dest.is_dir() and sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in source.iterdir()) and all(
+        filecmp.cmp(source / p.name, dest / p.name, shallow=False) for p in source.iterdir()
+    )
+    if not same:
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(source, dest)
+    print(f"  {'checkpoint':<24} {dest}  ({'unchanged' if same else 'copied from the demo pretrain stage'})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,16 +64,22 @@ def train_tokenizer(
     )
 
 
+class MissingChatTemplate(ValueError):
+    """A checkpoint's tokenizer has no chat template and none was given."""
+
+
 def load_tokenizer(
-    path: str | Path, *, chat_template: Literal["keep", "crucible"] = "keep"
+    path: str | Path, *, chat_template: str = "keep", missing: Literal["crucible", "error"] = "crucible"
 ) -> tuple[PreTrainedTokenizerFast, list[str]]:
     """Load a local tokenizer folder and complete it; return it with the tokens that had to be added.
 
     Always needed: an EOS (packing separates documents with it) and a pad token (the EOS is
-    reused rather than growing the vocabulary). Crucible's chat template is installed when the
-    tokenizer has none or ``chat_template="crucible"``; it then also needs a BOS and the role
-    markers. A model trained with another tokenizer must resize its embeddings to
-    ``len(tokenizer)`` when tokens were added.
+    reused rather than growing the vocabulary). ``chat_template`` is ``keep`` (the folder's own),
+    ``crucible`` (Crucible's: it then also needs a BOS and the role markers) or a Jinja template
+    to install as it is. A folder without a template under ``keep`` gets Crucible's, or raises
+    ``MissingChatTemplate`` when ``missing="error"`` (fine-tuning an open-weight model should not
+    silently grow its vocabulary). A model trained with another tokenizer must resize its
+    embeddings to ``len(tokenizer)`` when tokens were added.
     """
     from transformers import AutoTokenizer
 
@@ -86,15 +92,22 @@ def load_tokenizer(
         added.append(EOS)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if chat_template == "crucible" or not tokenizer.chat_template:
+    if chat_template not in ("keep", "crucible"):
+        tokenizer.chat_template = chat_template
+    elif chat_template == "crucible" or not tokenizer.chat_template:
+        if chat_template == "keep" and missing == "error":
+            raise MissingChatTemplate(
+                f"the tokenizer in {path} has no chat template: set chat_template to a Jinja template "
+                "(the text or a file), or to crucible (installs Crucible's template and adds its role tokens)"
+            )
         if tokenizer.bos_token is None:
             tokenizer.add_special_tokens({"bos_token": BOS})
             added.append(BOS)
         vocab = tokenizer.get_vocab()
-        missing = [t for t in CHAT_TOKENS if t not in vocab]
-        if missing:
-            tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
-            added.extend(missing)
+        missing_tokens = [t for t in CHAT_TOKENS if t not in vocab]
+        if missing_tokens:
+            tokenizer.add_special_tokens({"extra_special_tokens": missing_tokens}, replace_extra_special_tokens=False)
+            added.extend(missing_tokens)
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer, added
 
@@ -123,22 +136,45 @@ def encode_chat(
 ) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and its assistant mask (1 = a token the assistant wrote).
 
-    The mask comes from the template's ``{% generation %}`` blocks; a template without them
-    cannot tell the assistant's tokens apart, so it is refused rather than training on the prompt.
+    Templates with ``{% generation %}`` blocks mark the assistant's tokens themselves. Most
+    open-weight templates have none: there the assistant's spans are found by rendering the
+    conversation up to each assistant turn (with the generation prompt) and through it; what
+    the turn adds, trailing whitespace aside, is the reply and its end-of-turn marker.
     """
-    if not has_assistant_markers(tokenizer.chat_template):
-        raise ValueError(
-            "the tokenizer's chat template has no {% generation %} blocks, so assistant tokens cannot be "
-            "masked; load it with chat_template='crucible'"
+    if has_assistant_markers(tokenizer.chat_template):
+        encoded = tokenizer.apply_chat_template(
+            list(messages),
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            add_generation_prompt=add_generation_prompt,
         )
-    encoded = tokenizer.apply_chat_template(
-        list(messages),
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-        add_generation_prompt=add_generation_prompt,
-    )
-    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+        return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    return _encode_by_rendering(tokenizer, list(messages), add_generation_prompt)
+
+
+def _render(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _encode_by_rendering(
+    tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> tuple[list[int], list[int]]:
+    text = _render(tokenizer, messages, add_generation_prompt)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1], False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError(
+                "the chat template does not render each conversation as a prefix of the next turn, so the "
+                "assistant's tokens cannot be found: use a template with {% generation %} blocks"
+            )
+        spans.append((len(before), len(through.rstrip())))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(start <= begin < end for start, end in spans)) for begin, _ in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), mask
 
 
 def bytes_per_token(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> float:

@@ -84,9 +84,11 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _sections_form_a_chain(self) -> PipelineConfig:
         for stage in self.configured_stages():
-            missing = [up for up in STAGES[stage].upstream if self.section(up) is None]
+            declared = STAGES[stage]
+            missing = [up for up in declared.required_upstream(self.section(stage)) if self.section(up) is None]
             if missing:
-                raise ValueError(f"stage '{stage}' needs the section(s) {', '.join(missing)}")
+                hint = f" (or {stage}.init_from: a local Hugging Face checkpoint)" if declared.needs else ""
+                raise ValueError(f"stage '{stage}' needs the section(s) {', '.join(missing)}{hint}")
         return self
 
     def store_uri(self) -> str:

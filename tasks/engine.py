@@ -23,7 +23,7 @@ from tasks.config import PipelineConfig
 from tasks.errors import StageError
 from tasks.ray_runtime import ensure_ray
 from tasks.registry import STAGE_ORDER, STAGES
-from tasks.stage import Manifest, StageContext
+from tasks.stage import Manifest, StageContext, fingerprint_view
 from tasks.store import MANIFEST, StageDir, read_text
 from tasks.tracking import RunLogger, deliver_spool, git_commit, start_run, tracking_uri
 
@@ -38,7 +38,7 @@ def fingerprint(stage: str, section: BaseModel, code_version: str, upstream: dic
     payload = json.dumps(
         {
             "stage": stage,
-            "config": section.model_dump(mode="json"),
+            "config": fingerprint_view(section),
             "code_version": code_version,
             "upstream": dict(sorted(upstream.items())),
             "inputs": inputs,
@@ -67,8 +67,7 @@ def plan(config: PipelineConfig) -> dict[str, PlannedStage]:
     for name in config.configured_stages():
         stage = STAGES[name]
         section = config.section(name)
-        feeding = stage.upstream + tuple(up for up in stage.optional_upstream if up in planned)
-        upstream = {up: planned[up].fingerprint for up in feeding}
+        upstream = {up: planned[up].fingerprint for up in stage.feeding(section, planned)}
         inputs = stage.inputs(section, config) if stage.inputs else ""
         fp = fingerprint(name, section, stage.version, upstream, inputs)
         planned[name] = PlannedStage(name, fp, upstream, StageDir.at(config.store_uri(), name, fp))

@@ -81,6 +81,8 @@ class Stage:
     size and mtime of ingested files), and raises ``ConfigError`` if those inputs are unusable.
     ``optional_upstream`` stages feed this one when the config has them (``evaluate`` scores
     whichever models the pipeline trains); they count in the fingerprint only then.
+    ``needs(section)`` narrows ``upstream`` to what this section reads: a post-training stage
+    with ``init_from`` starts from that checkpoint, so it needs no ``pretrain`` (or ``sft``).
     """
 
     name: str
@@ -89,3 +91,24 @@ class Stage:
     run: Callable[[StageContext], StageResult]
     inputs: Callable[[Any, "PipelineConfig"], str] | None = None
     optional_upstream: tuple[str, ...] = ()
+    needs: Callable[[Any], tuple[str, ...]] | None = None
+
+    def required_upstream(self, section: Any) -> tuple[str, ...]:
+        """The upstream stages this section reads and the config must therefore have."""
+        return self.needs(section) if self.needs else self.upstream
+
+    def feeding(self, section: Any, configured: Any) -> tuple[str, ...]:
+        """Required upstream stages, then the optional ones among ``configured``."""
+        return self.required_upstream(section) + tuple(up for up in self.optional_upstream if up in configured)
+
+
+DIGESTED = {"digested": True}
+"""``json_schema_extra`` of a config field whose *content* the stage's input digest covers (a
+checkpoint folder): the field's value (a path) is left out of the fingerprint, so the same
+content at another path gives the same fingerprint."""
+
+
+def fingerprint_view(section: BaseModel) -> dict[str, Any]:
+    """The section as the fingerprint sees it: every field but the ``DIGESTED`` ones."""
+    skip = {name for name, f in type(section).model_fields.items() if (f.json_schema_extra or {}) == DIGESTED}
+    return section.model_dump(mode="json", exclude=skip)

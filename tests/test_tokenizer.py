@@ -115,8 +115,10 @@ def test_load_tokenizer_keeps_or_replaces_an_existing_template(tmp_path):
     plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     kept, added = load_tokenizer(_foreign(tmp_path, plain))
     assert kept.chat_template == plain and added == []
-    with pytest.raises(ValueError, match="generation"):
-        encode_chat(kept, [{"role": "assistant", "content": "x"}])
+    # No {% generation %} blocks: the assistant's span is what its turn adds to the rendering. This
+    # template has no generation prompt either, so its role header counts as part of the turn.
+    ids, mask = encode_chat(kept, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the model"}])
+    assert [i for i, m in zip(ids, mask) if m] == kept("assistant: the model", add_special_tokens=False)["input_ids"]
     replaced, added = load_tokenizer(tmp_path, chat_template="crucible")
     assert added == [BOS, *CHAT_TOKENS]
     assert sum(encode_chat(replaced, [{"role": "assistant", "content": "the model"}])[1]) > 0

@@ -8,9 +8,10 @@ Each model is evaluated in its own Ray task (``num_cpus``/``num_gpus`` each, so 
 them over GPUs); pairwise suites then have every reply scored by the reward model (the ``reward``
 stage's, or ``judge``) and rank the models by Elo.
 
-Upstream: ``evaluate`` needs ``pretrain`` and takes ``sft``, ``reward`` and ``align`` as optional
-upstreams when the config has them; the engine then hands their manifests over like any other
-(retraining ``sft`` re-runs ``evaluate``).
+Upstream: ``evaluate`` takes ``pretrain``, ``sft``, ``reward`` and ``align`` as optional upstreams
+when the config has them (a fine-tuning pipeline that starts at ``sft`` from an open-weight
+checkpoint has no ``pretrain``, and so no ``untrained`` column either); the engine then hands
+their manifests over like any other (retraining ``sft`` re-runs ``evaluate``).
 
 Outputs: ``scores.json`` (model -> metric -> value), ``samples/<model>/<suite>.jsonl`` (every
 item's reply, extraction, verdict), ``pairwise/<suite>.jsonl`` (the games), ``report_card.md``
@@ -47,8 +48,7 @@ if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs lo
 
 MODEL_STAGES = ("pretrain", "sft", "align")  # stages whose model/ is a causal LM to evaluate
 UNTRAINED = "untrained"  # the column of the seeded, untrained pretrain architecture
-UPSTREAM = ("pretrain",)  # declared: always configured with this stage (the config checks the chain)
-OPTIONAL_UPSTREAM = ("sft", "reward", "align")
+OPTIONAL_UPSTREAM = ("pretrain", "sft", "reward", "align")
 CURVE_STAGES = ("pretrain", "sft", "reward", "align")
 
 
@@ -124,11 +124,11 @@ def inputs_digest(cfg: EvaluateConfig, pipeline: Any) -> str:
     if cfg.judge:
         parts["judge"] = _folder_digest(cfg.judge, "evaluate.judge")
     optional = [s for s in OPTIONAL_UPSTREAM if pipeline.section(s) is not None]
-    configured = [s for s in MODEL_STAGES if s in UPSTREAM or pipeline.section(s) is not None]
+    configured = [s for s in MODEL_STAGES if pipeline.section(s) is not None]
     missing = sorted(set(cfg.models or ()) - set(configured))
     if missing:
         raise ConfigError("config", [("evaluate.models", f"stage(s) {', '.join(missing)} not configured")])
-    models = len(_model_stages(cfg, configured)) + len(cfg.baselines) + int(cfg.untrained)
+    models = len(_model_stages(cfg, configured)) + len(cfg.baselines) + int(cfg.untrained and "pretrain" in configured)
     if any(isinstance(s, PairwiseSuite) for s in cfg.suites):
         if cfg.judge is None and "reward" not in optional:
             raise ConfigError("config", [("evaluate.suites", "pairwise suites need a reward model: configure the reward stage or set evaluate.judge")])
@@ -181,7 +181,8 @@ def model_specs(cfg: EvaluateConfig, manifests: dict[str, Manifest]) -> list[Mod
     from tasks.eval.lm import ModelSpec
     from tasks.train.post_stage import model_uri
 
-    specs = [ModelSpec(UNTRAINED, model_uri(manifests["pretrain"]), chat=False, stage=UNTRAINED, init_seed=cfg.seed)] if cfg.untrained else []
+    floor = cfg.untrained and "pretrain" in manifests
+    specs = [ModelSpec(UNTRAINED, model_uri(manifests["pretrain"]), chat=False, stage=UNTRAINED, init_seed=cfg.seed)] if floor else []
     specs += [ModelSpec(stage, model_uri(manifests[stage]), chat=stage != "pretrain", stage=stage) for stage in _model_stages(cfg, manifests)]
     specs += [ModelSpec(b.name, str(Path(b.path).expanduser()), chat=b.chat) for b in cfg.baselines]
     return specs
@@ -288,4 +289,4 @@ def _publish_curves(ctx: StageContext, runs: dict[str, str], notes: list[str]) -
     return "\n![training curves](training_curves.png)\n"
 
 
-STAGE = Stage(name="evaluate", upstream=UPSTREAM, version="2", run=run, inputs=inputs_digest, optional_upstream=OPTIONAL_UPSTREAM)
+STAGE = Stage(name="evaluate", upstream=(), version="2", run=run, inputs=inputs_digest, optional_upstream=OPTIONAL_UPSTREAM)

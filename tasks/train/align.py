@@ -1,5 +1,9 @@
 """``align``: preference tuning of the SFT model, ``method: dpo | grpo | ppo``.
 
+The policy starts from the ``sft`` stage's model or from ``init_from`` (any local Hugging Face
+causal LM); with ``lora`` only adapters train and the reference is the same model with its
+adapters switched off. Only GRPO/PPO scored by a reward model need the ``reward`` stage.
+
 - ``dpo`` (``tasks/train/dpo.py``): preference pairs, a frozen SFT reference; no sampling.
 - ``grpo`` (``tasks/train/grpo.py``): prompts; groups of sampled replies per prompt scored by the
   reward model or a verifier (``reward: arithmetic`` checks the reply's answer), group-normalised
@@ -23,7 +27,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.tokenizer import load_tokenizer
 from tasks.stage import Stage, StageContext, StageResult
 from tasks.train.post_config import PostTrainConfig, inputs_digest
 from tasks.train.rewards import VERIFIERS
@@ -108,13 +111,15 @@ def run(ctx: StageContext) -> StageResult:
     from tasks.train.dpo import preference_metrics
     from tasks.train.post_data import PairExamples, PromptExamples, encode_pair, encode_prompt_row
     from tasks.train.post_stage import (
-        load_causal_lm, materialize, model_uri, on_worker, prepare_data, publish_model, train_and_export,
+        load_causal_lm, model_uri, on_worker, prepare_data, publish_model, stage_tokenizer, start_model,
+        train_and_export, with_lora,
     )
     from tasks.train.rollout import Scorer, generation_metrics
 
     cfg: AlignConfig = ctx.config
-    sft, reward_model = model_uri(ctx.upstream["sft"]), model_uri(ctx.upstream["reward"])
-    tokenizer, _ = load_tokenizer(materialize(sft))
+    sft = start_model(ctx, "sft")
+    reward_model = model_uri(ctx.upstream["reward"]) if "reward" in ctx.upstream else None
+    tokenizer, _ = stage_tokenizer(ctx, sft)
     fs, pad = ctx.out.fs, tokenizer.pad_token_id
     scorer = None
     if cfg.method == "dpo":
@@ -140,8 +145,9 @@ def run(ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {}
     if val is not None:
         metrics.update({f"{k}_sft": v for k, v in measure(sft).items()})
-    build_model = functools.partial(policy_with_value_head if cfg.method == "ppo" else load_causal_lm, sft)
-    final, trained = train_and_export(ctx, build_model, method_objective(cfg, sft, scorer), train, val, tokenizer)
+    build_model = with_lora(cfg, functools.partial(policy_with_value_head if cfg.method == "ppo" else load_causal_lm, sft))
+    reference = None if cfg.lora else sft  # with LoRA the reference is the policy's own base weights
+    final, trained = train_and_export(ctx, build_model, method_objective(cfg, reference, scorer), train, val, tokenizer)
     metrics.update(trained)
     if val is not None:
         metrics.update(measure(final))
@@ -170,4 +176,10 @@ def align_inputs(cfg: AlignConfig, _pipeline: Any) -> str:
     return inputs_digest(cfg, "align")
 
 
-STAGE = Stage(name="align", upstream=("sft", "reward"), version="1", run=run, inputs=align_inputs)
+def align_needs(cfg: AlignConfig) -> tuple[str, ...]:
+    """The policy's start (``sft`` unless ``init_from``) and the reward model when one scores replies."""
+    policy = () if cfg.init_from else ("sft",)
+    return policy + (("reward",) if cfg.method != "dpo" and cfg.reward == "model" else ())
+
+
+STAGE = Stage(name="align", upstream=("sft", "reward"), version="2", run=run, inputs=align_inputs, needs=align_needs)

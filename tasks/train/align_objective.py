@@ -38,8 +38,9 @@ def training_sampling(cfg: AlignConfig) -> Sampling:
     return Sampling(s.max_new_tokens, s.temperature, s.top_k, s.top_p)
 
 
-def method_objective(cfg: AlignConfig, sft: str, scorer: Scorer | None) -> Objective:
-    """The objective of ``cfg.method``, with the SFT model at ``sft`` as its frozen reference."""
+def method_objective(cfg: AlignConfig, sft: str | None, scorer: Scorer | None) -> Objective:
+    """The objective of ``cfg.method``, with the SFT model at ``sft`` as its frozen reference
+    (None: the policy's own base weights, under LoRA)."""
     if cfg.method == "dpo":
         return DPO(sft, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.nll_weight)
     sampling = training_sampling(cfg)

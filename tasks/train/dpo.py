@@ -1,7 +1,8 @@
 """Direct Preference Optimisation: learn from preference pairs without a reward model or sampling.
 
 The policy starts as the SFT model; a frozen copy of the SFT model is the reference, loaded by
-each Ray Train worker next to the policy (no gradients). A batch of B pairs is one forward of 2B
+each Ray Train worker next to the policy (no gradients). With LoRA the reference is the policy
+itself with its adapters switched off: no second copy of the model. A batch of B pairs is one forward of 2B
 rows (chosen, then rejected); each row's log-probability is the sum over its reply tokens.
 The loss is ``-log σ(β·((log π_c - log π_ref,c) - (log π_r - log π_ref,r)))``
 (``post_objectives.dpo_loss``), plus ``nll_weight`` times the chosen replies' per-token NLL
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tasks.train.lora import base_weights
 from tasks.train.objectives import Objective, ObjectiveOutput
 from tasks.train.post_data import PairExamples
 from tasks.train.post_objectives import dpo_loss, reply_nll, token_logprobs
@@ -42,9 +44,9 @@ def preference_stats(policy: torch.Tensor, reference: torch.Tensor, beta: float)
 
 
 class DPO(Objective):
-    """DPO against a frozen reference (the model at ``reference_path``)."""
+    """DPO against a frozen reference: the model at ``reference_path``, or (None) the policy's LoRA base."""
 
-    def __init__(self, reference_path: str, beta: float, label_smoothing: float = 0.0, nll_weight: float = 0.0):
+    def __init__(self, reference_path: str | None, beta: float, label_smoothing: float = 0.0, nll_weight: float = 0.0):
         self.reference_path, self.beta, self.label_smoothing = reference_path, beta, label_smoothing
         self.nll_weight = nll_weight
         self.reference: nn.Module | None = None
@@ -53,12 +55,17 @@ class DPO(Objective):
         return {**self.__dict__, "reference": None}
 
     def prepare(self, device: torch.device) -> None:
-        self.reference = frozen(load_causal_lm(self.reference_path), device)
+        if self.reference_path is not None:
+            self.reference = frozen(load_causal_lm(self.reference_path), device)
 
     def compute(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        policy = response_logprobs(model, batch)
         with torch.no_grad():
-            reference = response_logprobs(self.reference, batch)
+            if self.reference is not None:
+                reference = response_logprobs(self.reference, batch)
+            else:
+                with base_weights(model):
+                    reference = response_logprobs(model, batch)
+        policy = response_logprobs(model, batch)
         chosen, rejected = policy.chunk(2)
         ref_chosen, ref_rejected = reference.chunk(2)
         loss, _, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing)

@@ -28,7 +28,7 @@ from tasks.train.rollout import RolloutObjective, Sampling, Scorer, causal_logit
 
 class GRPO(RolloutObjective):
     def __init__(
-        self, scorer: Scorer, sampling: Sampling, reference_path: str, *, group_size: int, beta: float,
+        self, scorer: Scorer, sampling: Sampling, reference_path: str | None, *, group_size: int, beta: float,
         clip: float, scale_rewards: bool = True, stop_penalty: float = 0.0,
     ):
         super().__init__(scorer, sampling, reference_path, stop_penalty)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -59,6 +60,7 @@ class TrainJob:
     logger: RunLogger | None = None  # used on rank 0 only
     export_path: str | None = None  # where rank 0 writes the final model (HF format)
     export_fs: pafs.FileSystem | None = None
+    adapter_path: str | None = None  # where rank 0 writes LoRA adapters, for a model that has them
 
 
 @dataclass
@@ -167,11 +169,11 @@ def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, Any], device: 
         sums[name] = sums[name] + value if name in sums else value
 
 
-def _report_checkpoint(strategy: Strategy, progress: Progress, rank: int, metrics: dict[str, float]) -> None:
+def _report_checkpoint(strategy: Strategy, objective: Objective, progress: Progress, rank: int, metrics: dict[str, float]) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="crucible-ckpt-") as tmp:
-        save_checkpoint(tmp, strategy, progress, rank)
+        save_checkpoint(tmp, strategy, progress, rank, objective)
         ray.train.report(
             {"step": progress.step, **metrics},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -227,7 +229,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            progress = load_checkpoint(directory, strategy, rank)
+            progress = load_checkpoint(directory, strategy, rank, job.objective)
     else:
         seed_everything(cfg.seed + rank)  # distinct dropout streams per rank
     logger = job.logger if rank == 0 else None
@@ -271,21 +273,25 @@ def train_worker(payload: dict[str, Any]) -> None:
         }
         if evaluating:
             metrics.update(evaluate(strategy, job.objective, job.val_data, cfg, rank, world))
-        if last:  # this attempt's averages, for the stage summary
+        if last:  # this attempt's averages and this worker's peak memory, for the stage summary
             metrics.update(_throughput("train/mean_", attempt_tokens, attempt_flops, watch.total, cfg.peak_flops, world))
+            metrics["train/peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if logger is not None:
             logger.log_metrics(metrics, step=progress.step)
         if rank == 0:
             print(progress_line(progress.step, cfg.steps, metrics), flush=True)
         if checkpointing:
-            _report_checkpoint(strategy, progress, rank, metrics)
+            _report_checkpoint(strategy, job.objective, progress, rank, metrics)
         watch.resume()
     watch.pause()
 
     if job.export_path is not None:
         state = strategy.full_state_dict()
         if rank == 0:
-            export_hf(strategy.unwrapped, state, job.export_path, job.export_fs or pafs.LocalFileSystem())
+            export_hf(
+                strategy.unwrapped, state, job.export_path, job.export_fs or pafs.LocalFileSystem(),
+                rebuild=job.build_model, adapter_dest=job.adapter_path,
+            )
         if dist.is_initialized():
             dist.barrier()
     if logger is not None:

@@ -35,6 +35,15 @@ class Objective(ABC):
     def prepare(self, device: torch.device) -> None:
         """Load what the objective needs besides the trained model (a frozen reference, a reward model)."""
 
+    def state_dict(self) -> dict:
+        """What this worker's objective carries from step to step (PPO: its KL coefficient and the
+        rollout batch it is still optimising); saved in every checkpoint, so a resumed run goes on
+        where the interrupted one was."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+
     @abstractmethod
     def compute(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         """Loss of ``model`` on ``batch``; called under the strategy's autocast."""

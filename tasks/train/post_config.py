@@ -3,19 +3,39 @@
 This is the part of a post-training stage the registry, config loading and ``crucible status``
 need, so it imports neither torch nor transformers: a pipeline whose stages are all cached
 plans and reports without loading them. What runs the stage lives in ``post_stage.py``.
+
+Every post-training stage can start from any local Hugging Face causal-LM folder
+(``init_from``) instead of its upstream stage's model, and can train LoRA adapters (``lora``)
+instead of every weight.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.data.chat_data import ChatSource
 from tasks.data.ingest import list_source_files
+from tasks.digest import file_digest, folder_digest
 from tasks.errors import ConfigError
+from tasks.stage import DIGESTED
 from tasks.train.settings import TrainConfig
+
+
+class LoraSettings(BaseModel):
+    """Low-rank adapters (``peft``): the base weights stay frozen, only ``r``-rank updates train."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1, description="rank of each update")
+    alpha: float = Field(16.0, gt=0, description="scale: the update is multiplied by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="`all-linear` (every linear layer but the output head) or module names such as [q_proj, v_proj]"
+    )
 
 
 class PostTrainConfig(TrainConfig):
@@ -29,11 +49,23 @@ class PostTrainConfig(TrainConfig):
     max_length: int = Field(1024, ge=8, description="longest example in tokens; longer ones go to quarantine")
     registered_model: str | None = Field(None, description="MLflow registered model name; default: the pipeline name")
     alias: str = Field(..., description="MLflow alias moved to the new model version")
+    init_from: str | None = Field(
+        None,
+        description="local Hugging Face causal-LM folder to start from instead of the upstream stage's model "
+        "(fingerprinted by content, not by path)",
+        json_schema_extra=DIGESTED,
+    )
+    chat_template: str = Field(
+        "keep",
+        description="`keep` the checkpoint's chat template, `crucible` (Crucible's, adds its role tokens), "
+        "or a Jinja template: the text itself or the path of a file holding it",
+    )
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
 
 
-def inputs_digest(cfg: PostTrainConfig, stage: str, init_from: str | None = None) -> str:
-    """The output depends on the data files (and on ``init_from``, a model folder outside the
-    store): hash their names, sizes and mtimes. Sources that match nothing are config errors."""
+def inputs_digest(cfg: PostTrainConfig, stage: str) -> str:
+    """The output depends on the data files, on ``init_from`` (a model folder outside the store)
+    and on a chat-template file: hash their contents. Sources that match nothing are config errors."""
     digest = hashlib.sha256()
     problems = []
     for field, sources in (("data", cfg.data), ("validation", cfg.validation)):
@@ -46,15 +78,34 @@ def inputs_digest(cfg: PostTrainConfig, stage: str, init_from: str | None = None
             if not files:
                 problems.append((f"{stage}.{field}[{i}].path", f"no files match '{source.path}'"))
             for info in files:
-                digest.update(f"{field}{i}\0{info.path}\0{info.size}\0{info.mtime_ns}\n".encode())
-    if init_from is not None:
-        folder = Path(init_from).expanduser()
+                local = "://" not in source.path or source.path.startswith("file://")
+                content = file_digest(info.path) if local else f"{info.path}\0{info.size}\0{info.mtime_ns}"
+                digest.update(f"{field}{i}\0{content}\n".encode())
+    if cfg.init_from is not None:
+        folder = Path(cfg.init_from).expanduser()
         if not (folder / "config.json").is_file():
-            problems.append((f"{stage}.init_from", f"'{init_from}' is not a Hugging Face model folder (no config.json)"))
+            problems.append((f"{stage}.init_from", f"'{cfg.init_from}' is not a Hugging Face model folder (no config.json)"))
         else:
-            for f in sorted(p for p in folder.iterdir() if p.is_file()):
-                stat = f.stat()
-                digest.update(f"{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"init_from\0{folder_digest(folder)}\n".encode())
+    template = chat_template_file(cfg.chat_template)
+    if template is not None:
+        digest.update(f"chat_template\0{file_digest(template)}\n".encode())
     if problems:
         raise ConfigError("config", problems)
     return digest.hexdigest()
+
+
+def chat_template_file(value: str) -> Path | None:
+    """The file a ``chat_template`` setting names, if it names one (else a keyword or Jinja text)."""
+    if value in ("keep", "crucible") or "{" in value or "\n" in value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError("config", [("chat_template", f"'{value}' is neither keep, crucible, a Jinja template nor a file")])
+    return path
+
+
+def chat_template_text(value: str) -> str:
+    """``chat_template`` as the loader takes it: a keyword, or the Jinja text (read from its file)."""
+    path = chat_template_file(value)
+    return path.read_text(encoding="utf-8") if path is not None else value

@@ -15,7 +15,10 @@ torch and transformers, so the stages import it from their ``run``.
 - ``on_worker``: a one-off function (held-out evaluation) on the resources of one training
   worker, so a GPU cluster evaluates on a GPU.
 - ``publish_model``: an MLflow model version pointing at ``model/``, with the stage's alias
-  (``tasks/train/publish.py``; fail-soft).
+  (``tasks/train/publish.py``; fail-soft), and one for ``adapter/`` when the stage trained LoRA.
+- ``start_model`` / ``stage_tokenizer`` / ``with_lora``: where a stage starts (its ``init_from``
+  checkpoint, else its upstream stage's model), that checkpoint's tokenizer and chat template,
+  and the model to train (LoRA adapters on it when the config asks).
 """
 
 from __future__ import annotations
@@ -33,19 +36,21 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from models.tokenizer import save_tokenizer
+from models.tokenizer import MissingChatTemplate, load_tokenizer, save_tokenizer
 from tasks.data.chat_data import Example, is_held_out, load_examples, write_quarantine
-from tasks.errors import StageError
+from tasks.errors import ConfigError, StageError
 from tasks.stage import Manifest, StageContext
 from tasks.train.data import ExampleSource
+from tasks.train.lora import add_lora
 from tasks.train.loop import TrainJob, run_training
 from tasks.train.objectives import Objective
-from tasks.train.post_config import PostTrainConfig
+from tasks.train.post_config import LoraSettings, PostTrainConfig, chat_template_text
 from tasks.train.post_data import TooLong, write_examples
 from tasks.train.publish import register_model
 from tasks.train.settings import TrainConfig
 
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_FILE = "data/train.parquet"
 VALIDATION_FILE = "data/validation.parquet"
@@ -122,6 +127,40 @@ def model_uri(manifest: Manifest) -> str:
     return f"{manifest.path.rstrip('/')}/{MODEL_DIR}"
 
 
+def start_model(ctx: StageContext, upstream: str) -> str:
+    """Where the stage starts: its ``init_from`` checkpoint, else the ``upstream`` stage's model."""
+    cfg: PostTrainConfig = ctx.config
+    if cfg.init_from is not None:
+        return str(Path(cfg.init_from).expanduser().resolve())
+    return model_uri(ctx.upstream[upstream])
+
+
+def stage_tokenizer(ctx: StageContext, start: str) -> tuple[Any, list[str]]:
+    """The tokenizer of the checkpoint at ``start`` with the chat template the config asks for.
+
+    A checkpoint without a template is an error naming the fix, unless the config gives one.
+    """
+    cfg: PostTrainConfig = ctx.config
+    try:
+        return load_tokenizer(materialize(start), chat_template=chat_template_text(cfg.chat_template), missing="error")
+    except MissingChatTemplate as exc:
+        raise ConfigError("config", [(f"{ctx.name}.chat_template", str(exc))]) from None
+
+
+def with_lora(cfg: PostTrainConfig, build: Callable[[], nn.Module], task_type: str = "CAUSAL_LM") -> Callable[[], nn.Module]:
+    """``build``, with LoRA adapters on what it builds when ``cfg.lora`` is set."""
+    return functools.partial(_build_with_lora, build, cfg.lora, task_type) if cfg.lora else build
+
+
+def _build_with_lora(build: Callable[[], nn.Module], settings: LoraSettings, task_type: str) -> nn.Module:
+    model = build()
+    released = getattr(model, "released", "")  # a training wrapper: adapters go on the model it releases
+    if released:
+        setattr(model, released, add_lora(getattr(model, released), settings, task_type))
+        return model
+    return add_lora(model, settings, task_type)
+
+
 @functools.cache
 def materialize(uri: str) -> str:
     """A local folder with the files of ``uri`` (the folder itself when it is local; cached per process)."""
@@ -191,6 +230,7 @@ def train_and_export(
         logger=ctx.log,
         export_path=model_path,
         export_fs=fs,
+        adapter_path=ctx.out.path(ADAPTER_DIR) if getattr(ctx.config, "lora", None) else None,
     )
     outcome = run_training(job, ctx.out.path(CHECKPOINT_DIR), fs, name=ctx.name)
     write_tokenizer(tokenizer, fs, model_path)
@@ -219,7 +259,11 @@ def publish_model(ctx: StageContext, cfg: PostTrainConfig, default_name: str | N
     name = cfg.registered_model or default_name or ctx.pipeline.name
     if ctx.run_id is None:
         return name, None
-    path = ctx.out.path(MODEL_DIR)
-    source = Path(path).as_uri() if ctx.out.is_local else f"{ctx.out.uri}/{MODEL_DIR}"
     tags = {"crucible.stage": ctx.name, "crucible.fingerprint": ctx.out.root.rsplit("/", 1)[-1]}
-    return name, register_model(ctx.log.uri, ctx.run_id, name, source, cfg.alias, tags)
+    if cfg.lora is not None:  # the adapters alone, as a model of their own beside the merged one
+        register_model(ctx.log.uri, ctx.run_id, f"{name}-adapter", _source(ctx, ADAPTER_DIR), cfg.alias, tags)
+    return name, register_model(ctx.log.uri, ctx.run_id, name, _source(ctx, MODEL_DIR), cfg.alias, tags)
+
+
+def _source(ctx: StageContext, folder: str) -> str:
+    return Path(ctx.out.path(folder)).as_uri() if ctx.out.is_local else f"{ctx.out.uri}/{folder}"

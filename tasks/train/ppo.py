@@ -12,8 +12,8 @@ loss; then the next prompts are sampled. The KL coefficient is fixed, or adapts 
 
 The loop calls ``compute`` exactly ``grad_accum`` times per optimizer step, so the objective
 tells a new rollout from a further epoch by counting training calls (validation runs without
-gradients and always samples afresh). A resumed run starts a fresh rollout batch at its first
-step, and the adaptive coefficient restarts from ``kl_coef``.
+gradients and always samples afresh). Checkpoints keep the call count, the adaptive coefficient
+and the rollout batch in use, so a resumed run goes on with the same epoch of the same batch.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def policy_and_values(model: nn.Module, sequences: torch.Tensor, attention_mask:
 
 class PPO(RolloutObjective):
     def __init__(
-        self, scorer: Scorer, sampling: Sampling, reference_path: str, settings: Any, grad_accum: int,
+        self, scorer: Scorer, sampling: Sampling, reference_path: str | None, settings: Any, grad_accum: int,
         stop_penalty: float = 0.0,
     ):
         super().__init__(scorer, sampling, reference_path, stop_penalty)
@@ -64,6 +64,12 @@ class PPO(RolloutObjective):
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_rollouts": {}}
+
+    def state_dict(self) -> dict:
+        return {"calls": self._calls, "kl_coef": self.kl.value, "rollouts": self._rollouts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._calls, self.kl.value, self._rollouts = state["calls"], state["kl_coef"], state["rollouts"]
 
     def _mean_over_workers(self, value: torch.Tensor) -> float:
         value = value.detach().float().clone()

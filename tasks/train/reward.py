@@ -22,7 +22,6 @@ from typing import Any
 
 from pydantic import Field
 
-from models.tokenizer import load_tokenizer
 from tasks.stage import Stage, StageContext, StageResult
 from tasks.train.post_config import PostTrainConfig, inputs_digest
 
@@ -42,7 +41,7 @@ class RewardConfig(PostTrainConfig):
 def run(ctx: StageContext) -> StageResult:
     # torch and transformers load here, not when the registry imports this module
     from tasks.train.post_data import PairExamples, encode_pair
-    from tasks.train.post_stage import materialize, model_uri, on_worker, prepare_data, publish_model, train_and_export
+    from tasks.train.post_stage import on_worker, prepare_data, publish_model, stage_tokenizer, start_model, train_and_export, with_lora
     from tasks.train.reward_objective import (
         PairwiseReward,
         load_reward_model,
@@ -51,13 +50,15 @@ def run(ctx: StageContext) -> StageResult:
     )
 
     cfg: RewardConfig = ctx.config
-    start = model_uri(ctx.upstream["sft"])
-    tokenizer, _ = load_tokenizer(materialize(start))
+    start = start_model(ctx, "sft")
+    tokenizer, _ = stage_tokenizer(ctx, start)
     data = prepare_data(ctx, "preference", lambda pair: encode_pair(tokenizer, pair, cfg.max_length))
     fs, pad = ctx.out.fs, tokenizer.pad_token_id
     train = PairExamples(fs, data.train_path, pad)
     val = PairExamples(fs, data.validation_path, pad) if data.validation_path else None
-    build_model = functools.partial(load_reward_model_with_lm_head if cfg.lm_weight else load_reward_model, start, pad)
+    build_model = with_lora(
+        cfg, functools.partial(load_reward_model_with_lm_head if cfg.lm_weight else load_reward_model, start, pad), "SEQ_CLS",
+    )
     objective = PairwiseReward(cfg.use_margin, cfg.lm_weight)
     final, metrics = train_and_export(ctx, build_model, objective, train, val, tokenizer)
     if val is not None:
@@ -81,4 +82,8 @@ def reward_inputs(cfg: RewardConfig, _pipeline: Any) -> str:
     return inputs_digest(cfg, "reward")
 
 
-STAGE = Stage(name="reward", upstream=("sft",), version="1", run=run, inputs=reward_inputs)
+def reward_needs(cfg: RewardConfig) -> tuple[str, ...]:
+    return () if cfg.init_from else ("sft",)
+
+
+STAGE = Stage(name="reward", upstream=("sft",), version="1", run=run, inputs=reward_inputs, needs=reward_needs)

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import GenerationConfig
 
 from models.chat import STOP_TOKENS
 from models.heads import positions, reward_model_from, sequence_rewards
+from tasks.train.lora import base_weights
 from tasks.train.objectives import Objective
 from tasks.train.post_data import decode_answers
 from tasks.train.post_objectives import token_logprobs
@@ -30,10 +32,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
+"""End-of-turn markers of common open-weight chat templates (ChatML/Qwen, Llama 3, Gemma, GPT-2)."""
+
+
 def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Ids of the tokens that end a reply, among those the tokenizer has."""
+    """Ids of the tokens that end a reply, among those the tokenizer has: Crucible's, the EOS, and
+    the end-of-turn marker of an open-weight template when it is one of the tokenizer's special tokens."""
     vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     ids = [vocab[t] for t in STOP_TOKENS if t in vocab]
+    ids += [vocab[t] for t in END_OF_TURN if t in special and t in vocab and vocab[t] not in ids]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
@@ -64,7 +73,12 @@ def generate(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,
     stop_ids: list[int], pad_id: int,
 ) -> Rollout:
-    """Sample one reply per row (no gradients; the model is put back in its training mode)."""
+    """Sample one reply per row (no gradients; the model is put back in its training mode).
+
+    Under several workers every rank keeps stepping until the last rank's replies have all
+    stopped (``synced_gpus``): sharded weights (FSDP, ZeRO-3) are gathered by a collective in
+    every forward, so a rank that stopped early would leave the others waiting for ever.
+    """
     policy = unwrap(model)
     config = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
@@ -78,7 +92,10 @@ def generate(
     was_training = policy.training
     policy.eval()
     with torch.no_grad():
-        sequences = policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        sequences = policy.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+            synced_gpus=dist.is_initialized() and dist.get_world_size() > 1,
+        )
     policy.train(was_training)
     prompt_length = input_ids.shape[1]
     reply = sequences[:, prompt_length:]
@@ -161,11 +178,12 @@ class RolloutObjective(Objective):
     """What GRPO and PPO share: sample replies, score them, keep the reference's log-probs.
 
     The reference (the SFT model) and the reward model live on every Ray Train worker next to the
-    policy, frozen. ``stop_penalty`` is subtracted from replies that ran out of tokens before
+    policy, frozen; with LoRA (``reference_path`` None) the reference is the policy itself with its
+    adapters switched off. ``stop_penalty`` is subtracted from replies that ran out of tokens before
     stopping.
     """
 
-    def __init__(self, scorer: Scorer, sampling: Sampling, reference_path: str, stop_penalty: float = 0.0):
+    def __init__(self, scorer: Scorer, sampling: Sampling, reference_path: str | None, stop_penalty: float = 0.0):
         self.scorer, self.sampling, self.reference_path, self.stop_penalty = scorer, sampling, reference_path, stop_penalty
         self.stop_ids = stop_token_ids(scorer.tokenizer)
         self.reference: nn.Module | None = None
@@ -174,7 +192,8 @@ class RolloutObjective(Objective):
         return {**self.__dict__, "reference": None}
 
     def prepare(self, device: torch.device) -> None:
-        self.reference = frozen(load_causal_lm(self.reference_path), device)
+        if self.reference_path is not None:
+            self.reference = frozen(load_causal_lm(self.reference_path), device)
         self.scorer.load(device)
 
     def experience(self, model: nn.Module, batch: dict[str, torch.Tensor], copies: int = 1) -> Experience:
@@ -184,9 +203,17 @@ class RolloutObjective(Objective):
         stopped = torch.isin(reply, torch.tensor(self.stop_ids, device=reply.device)).any(-1).float()
         rewards = scores - self.stop_penalty * (1.0 - stopped)
         with torch.no_grad():
-            ref_logits = causal_logits(self.reference, rollout.sequences, rollout.attention_mask)
-            ref_logprobs = token_logprobs(ref_logits, rollout.sequences)
+            ref_logprobs = token_logprobs(self._reference_logits(model, rollout), rollout.sequences)
         return Experience(rollout, rewards, ref_logprobs, stopped)
+
+
+    def _reference_logits(self, model: nn.Module, rollout: Rollout) -> torch.Tensor:
+        if self.reference is not None:
+            return causal_logits(self.reference, rollout.sequences, rollout.attention_mask)
+        mask = rollout.attention_mask
+        with base_weights(model):  # the whole training module runs: sharded strategies need every rank's forward
+            out = model(input_ids=rollout.sequences, attention_mask=mask, position_ids=positions(mask))
+        return out[0] if isinstance(out, tuple) else out.logits
 
 
 def generation_metrics(

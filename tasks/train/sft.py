@@ -1,7 +1,8 @@
 """``sft``: supervised fine-tuning on conversations, loss on the assistant's tokens only.
 
 Starts from the ``pretrain`` stage's model, or from any Hugging Face causal-LM folder on local
-disk (``init_from``). Conversations are rendered with the tokenizer's chat template; the loss
+disk (``init_from``; no data or pretrain stages needed then), training every weight or LoRA
+adapters (``lora``; the output then has ``adapter/`` beside the merged ``model/``). Conversations are rendered with the tokenizer's chat template; the loss
 covers every assistant turn (its text and closing ``<|end|>``), never the system prompt, the
 user turns or the role headers. With ``packing``, conversations share rows without attending to
 each other (position ids restart per conversation; see ``tasks/train/post_data.py``).
@@ -18,11 +19,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
-from models.tokenizer import load_tokenizer
+from tasks.errors import ConfigError
 from tasks.stage import Stage, StageContext, StageResult
 from tasks.train.post_config import PostTrainConfig, inputs_digest
 
@@ -33,12 +34,6 @@ class SFTConfig(PostTrainConfig):
     """Supervised fine-tuning: chat data (``messages``) and where to start from."""
 
     alias: str = Field("sft", description="MLflow alias moved to the new model version")
-    init_from: str | None = Field(
-        None, description="local Hugging Face causal-LM folder to start from instead of the pretrain stage's model"
-    )
-    chat_template: Literal["keep", "crucible"] = Field(
-        "keep", description="keep the tokenizer's chat template, or install Crucible's (adds its special tokens)"
-    )
     packing: bool = Field(False, description="pack several conversations per row (no attention across them)")
     sample_tokens: int = Field(64, ge=1, description="reply length of the held-out samples written after training")
 
@@ -47,13 +42,17 @@ def run(ctx: StageContext) -> StageResult:
     # torch and transformers load here, not when the registry imports this module
     from tasks.train.post_data import ChatExamples, encode_conversation, pack
     from tasks.train.post_stage import (
-        load_causal_lm, materialize, model_uri, on_worker, prepare_data, publish_model, train_and_export,
+        load_causal_lm, on_worker, prepare_data, publish_model, stage_tokenizer, start_model, train_and_export, with_lora,
     )
     from tasks.train.sft_objective import AssistantTokens, assistant_loss, held_out_samples
 
     cfg: SFTConfig = ctx.config
-    start = cfg.init_from or model_uri(ctx.upstream["pretrain"])
-    tokenizer, added = load_tokenizer(materialize(start), chat_template=cfg.chat_template)
+    start = start_model(ctx, "pretrain")
+    tokenizer, added = stage_tokenizer(ctx, start)
+    if added and cfg.lora:
+        raise ConfigError("config", [("sft.lora", (
+            f"the chat template adds tokens the checkpoint lacks ({', '.join(added)}), whose embeddings LoRA "
+            "keeps frozen: give sft.chat_template a template written with the checkpoint's own tokens"))])
     vocab_size = len(tokenizer) if added else None
     data = prepare_data(
         ctx, "chat", lambda messages: encode_conversation(tokenizer, messages, cfg.max_length),
@@ -66,7 +65,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {}
     if val is not None:
         metrics["heldout/loss_init"] = on_worker(cfg, assistant_loss, start, val, cfg.batch_size, vocab_size)
-    build_model = functools.partial(load_causal_lm, start, vocab_size)
+    build_model = with_lora(cfg, functools.partial(load_causal_lm, start, vocab_size))
     final, trained = train_and_export(ctx, build_model, AssistantTokens(), train, val, tokenizer)
     metrics.update(trained)
 
@@ -102,7 +101,11 @@ def _cell(text: str) -> str:
 
 
 def sft_inputs(cfg: SFTConfig, _pipeline: Any) -> str:
-    return inputs_digest(cfg, "sft", cfg.init_from)
+    return inputs_digest(cfg, "sft")
 
 
-STAGE = Stage(name="sft", upstream=("pretrain",), version="1", run=run, inputs=sft_inputs)
+def sft_needs(cfg: SFTConfig) -> tuple[str, ...]:
+    return () if cfg.init_from else ("pretrain",)
+
+
+STAGE = Stage(name="sft", upstream=("pretrain",), version="1", run=run, inputs=sft_inputs, needs=sft_needs)
