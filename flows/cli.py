@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and every stage after it")
     run.add_argument("--until", dest="until_stage", metavar="STAGE", help="stop after STAGE")
-    run.add_argument("--force", nargs="+", metavar="STAGE", help="rerun exactly these stages")
+    run.add_argument("--force", nargs="+", metavar="STAGE", help="rerun these stages and every configured stage downstream of them")
     run.set_defaults(fn=cmd_run)
 
     status = sub.add_parser("status", help="per stage: done or missing, fingerprint, output, counts")

@@ -35,8 +35,8 @@ def pipeline(
 ) -> list[StageOutcome]:
     """Run the configured stages in order; complete stages are skipped unless forced.
 
-    `from_stage` reruns that stage and everything after it; `force` reruns exactly the stages
-    listed; `until_stage` stops after that stage.
+    `from_stage` reruns that stage and everything after it; `force` reruns the stages listed and
+    every configured stage downstream of them; `until_stage` stops after that stage.
     """
     select_stages(config, from_stage, until_stage)  # refuse a bad slice before anything runs
     plan(config)  # and unusable inputs (e.g. a source glob that matches nothing)

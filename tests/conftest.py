@@ -33,3 +33,70 @@ def tmp_home(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def demo_chat_cut(tmp_path_factory):
+    """``demo_chat_cut(n)``: a folder with the demo chat and preference sets cut to ``n`` training
+    rows (an even spread of every kind of example) and 16 held-out rows per set."""
+    from tasks.data.demo_chat import write_demo_chat
+
+    full = write_demo_chat(tmp_path_factory.mktemp("demo-full"))
+
+    def cut(train_rows: int):
+        small = tmp_path_factory.mktemp(f"demo-{train_rows}")
+        for name, path in full.items():
+            lines = path.read_text().splitlines()
+            if name.endswith("_train"):
+                lines = lines[:: max(1, len(lines) // train_rows)][:train_rows]
+            (small / path.name).write_text("\n".join(lines[: train_rows if name.endswith("_train") else 16]) + "\n")
+        return small
+
+    return cut
+
+
+def chat_tokenizer(folder, vocab_size: int):
+    """A byte-level BPE trained on every message, prompt and reply in a folder of chat sets."""
+    import json
+
+    from models.tokenizer import train_tokenizer
+
+    texts = []
+    for path in folder.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            texts += [m["content"] for m in row.get("messages", [])] + [row.get(k, "") for k in ("prompt", "chosen", "rejected")]
+    return train_tokenizer([t for t in texts if isinstance(t, str) and t], vocab_size)
+
+
+@pytest.fixture(scope="session")
+def train_chat_tokenizer():
+    """``train_chat_tokenizer(folder, vocab_size)``: see ``chat_tokenizer``."""
+    return chat_tokenizer
+
+
+def run_stage_alone(module, root, name: str, cfg, upstream: dict, tag: str = "fp", run_id=None, uri=None):
+    """A post-training stage's ``run`` in ``root/name/tag``, outside the engine (no fingerprints;
+    MLflow only with ``run_id``); returns (result, output folder, a manifest of that folder)."""
+    from datetime import datetime, timezone
+
+    from tasks.config import PipelineConfig
+    from tasks.stage import Manifest, StageContext
+    from tasks.store import StageDir
+    from tasks.tracking import RunLogger
+
+    out = StageDir.at(str(root), name, tag)
+    out.make()
+    ctx = StageContext(name=name, config=cfg, pipeline=PipelineConfig(name="post"), upstream=upstream, out=out,
+                       log=RunLogger(run_id, uri), run_id=run_id)
+    result = module.run(ctx)
+    now = datetime.now(timezone.utc)
+    manifest = Manifest(stage=name, fingerprint=tag, upstream={}, path=out.uri, files=out.list_files(),
+                        code_version="1", crucible_version="test", started_at=now, finished_at=now)
+    return result, out, manifest
+
+
+@pytest.fixture(scope="session")
+def stage_alone():
+    """``stage_alone(module, root, name, cfg, upstream, ...)``: see ``run_stage_alone``."""
+    return run_stage_alone

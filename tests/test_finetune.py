@@ -4,22 +4,25 @@ families, and several workers under DDP, FSDP and DeepSpeed ZeRO-3."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from models.chat import CHAT_TEMPLATE
-from models.tokenizer import encode_chat, load_tokenizer, save_tokenizer, train_tokenizer
+from models.tokenizer import encode_chat, load_tokenizer, save_tokenizer
 from tasks.config import validate_config
-from tasks.data.demo_chat import write_demo_chat
 from tasks.engine import plan, run_pipeline
 from tasks.errors import ConfigError
 from tasks.train.lora import add_lora, base_weights, merge_adapters
+from tasks.tracking import tracking_uri
 from tasks.train.post_config import LoraSettings
 
 # A ChatML-style template with no {% generation %} blocks, written with plain-text markers so it
@@ -49,26 +52,14 @@ STEPS = {"batch_size": 4, "lr": 5e-3, "warmup_steps": 1, "log_every": 1, "eval_b
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
+def demo_data(demo_chat_cut):
     """The demo chat and preference data, cut to 96 training and 16 held-out rows per set."""
-    full = write_demo_chat(tmp_path_factory.mktemp("demo-full"))
-    small = tmp_path_factory.mktemp("demo")
-    for name, path in full.items():
-        lines = path.read_text().splitlines()
-        if name.endswith("_train"):
-            lines = lines[:: max(1, len(lines) // 96)][:96]
-        (small / path.name).write_text("\n".join(lines[:96 if name.endswith("_train") else 16]) + "\n")
-    return small
+    return demo_chat_cut(96)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(demo_data):
-    texts = []
-    for path in demo_data.glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            texts += [m["content"] for m in row.get("messages", [])] + [row.get(k, "") for k in ("prompt", "chosen", "rejected")]
-    return train_tokenizer([t for t in texts if isinstance(t, str) and t], 500)
+def tokenizer(demo_data, train_chat_tokenizer):
+    return train_chat_tokenizer(demo_data, 500)
 
 
 def _checkpoint(folder: Path, family: str, tokenizer, template: str | None) -> Path:
@@ -104,9 +95,9 @@ def checkpoints(tokenizer, tmp_path_factory):
 # ---------------------------------------------------------------------------------- templates
 
 
-def test_assistant_mask_without_generation_blocks_matches_the_marked_template(tokenizer):
+def test_assistant_mask_without_generation_blocks_matches_the_marked_template(tokenizer, tmp_path):
     marked = tokenizer
-    unmarked = AutoTokenizer.from_pretrained(_save(tokenizer, Path(__import__("tempfile").mkdtemp())))
+    unmarked = AutoTokenizer.from_pretrained(_save(tokenizer, tmp_path))
     unmarked.chat_template = CHAT_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
     for messages in (CONVERSATION, CONVERSATION[1:3]):
         assert encode_chat(unmarked, messages) == encode_chat(marked, messages)
@@ -215,32 +206,23 @@ def test_lora_sft_then_dpo_from_a_checkpoint_and_the_same_weights_elsewhere_reus
             assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
         assert (folder / "adapter" / "adapter_config.json").exists()
 
+    client = MlflowClient(tracking_uri(None))
+    for alias, manifest in (("sft", sft_m), ("aligned", align_m)):  # the merged model and the adapters
+        for name, folder in (("ft", "model"), ("ft-adapter", "adapter")):
+            version = client.get_model_version_by_alias(name, alias)
+            assert version.source.endswith(f"{Path(manifest.path).name}/{folder}")
+    from tasks.eval.evaluate import EvaluateConfig, model_specs
+
+    card = EvaluateConfig(suites=[{"name": "math", "kind": "exact_match", "path": "math.jsonl"}])
+    assert [s.name for s in model_specs(card, {"sft": sft_m, "align": align_m})] == ["sft", "align"]  # no untrained floor
+
     moved = tmp_path / "elsewhere" / "checkpoint"
     shutil.copytree(start, moved)
     again = run_pipeline(_config(tmp_path, moved, demo_data, **stages))
     assert [(o.stage, o.state) for o in again] == [("sft", "cached"), ("align", "cached")]
 
 
-def _run_stage(module, root: Path, name: str, cfg, upstream: dict):
-    """One stage's ``run`` in a folder of its own, outside the engine (no fingerprints, no MLflow)."""
-    from datetime import datetime, timezone
-
-    from tasks.config import PipelineConfig
-    from tasks.stage import Manifest, StageContext
-    from tasks.store import StageDir
-    from tasks.tracking import RunLogger
-
-    out = StageDir.at(str(root), name, "fp")
-    out.make()
-    ctx = StageContext(name=name, config=cfg, pipeline=PipelineConfig(name="ft"), upstream=upstream, out=out, log=RunLogger(None, None))
-    result = module.run(ctx)
-    now = datetime.now(timezone.utc)
-    manifest = Manifest(stage=name, fingerprint="fp", upstream={}, path=out.uri, files=out.list_files(),
-                        code_version="1", crucible_version="test", started_at=now, finished_at=now)
-    return result, manifest
-
-
-def _sft_and_dpo(root: Path, start: Path, data: Path, **settings):
+def _sft_and_dpo(stage_alone, root: Path, start: Path, data: Path, **settings):
     """LoRA SFT then LoRA DPO from ``start``, nothing held out (the test measures on training data)."""
     from tasks.train import align, sft
 
@@ -250,8 +232,8 @@ def _sft_and_dpo(root: Path, start: Path, data: Path, **settings):
     few.write_text("".join((data / "preference_train.jsonl").read_text().splitlines(keepends=True)[:8]))
     prefs = {"data": [{"name": "prefs", "path": str(few)}], "val_fraction": 0.0}
     common = {**STEPS, "steps": 4, "eval_every": 4, "lora": LORA, "lr": 3e-2, **settings}
-    sft_result, sft_manifest = _run_stage(sft, root / "sft", "sft", sft.SFTConfig(init_from=str(start), **chat, **common), {})
-    dpo_result, dpo_manifest = _run_stage(
+    sft_result, _, sft_manifest = stage_alone(sft, root / "sft", "sft", sft.SFTConfig(init_from=str(start), **chat, **common), {})
+    dpo_result, _, dpo_manifest = stage_alone(
         align, root / "align", "align", align.AlignConfig(method="dpo", **prefs, **{**common, "lr": 1e-2}), {"sft": sft_manifest},
     )
     return (sft_result, sft_manifest), (dpo_result, dpo_manifest)
@@ -261,7 +243,7 @@ def _sft_and_dpo(root: Path, start: Path, data: Path, **settings):
 @pytest.mark.parametrize(("family", "strategy"), [
     ("qwen2", {"kind": "ddp"}), ("mistral", {"kind": "fsdp"}), ("gpt2", {"kind": "deepspeed", "zero_stage": 3}),
 ], ids=["qwen2-ddp", "mistral-fsdp", "gpt2-zero3"])
-def test_lora_sft_and_dpo_per_family_on_two_workers(family, strategy, checkpoints, demo_data, tmp_path, ray_session):
+def test_lora_sft_and_dpo_per_family_on_two_workers(family, strategy, checkpoints, demo_data, tmp_path, ray_session, stage_alone):
     """Each family through SFT and DPO with LoRA, on two workers (half the global batch each) under
     another strategy: DPO's reference (the adapters switched off) runs through the sharded model on
     every rank, and the export gathers the shards into one merged folder and one adapter folder."""
@@ -272,7 +254,7 @@ def test_lora_sft_and_dpo_per_family_on_two_workers(family, strategy, checkpoint
     from tasks.train.sft_objective import assistant_loss
 
     two = {"num_workers": 2, "batch_size": 2, "strategy": strategy}
-    (_, sft_manifest), (_, dpo_manifest) = _sft_and_dpo(tmp_path, checkpoints[family], demo_data, **two)
+    (_, sft_manifest), (_, dpo_manifest) = _sft_and_dpo(stage_alone, tmp_path, checkpoints[family], demo_data, **two)
     sft_model, dpo_model = Path(sft_manifest.path) / "model", Path(dpo_manifest.path) / "model"
     pad = AutoTokenizer.from_pretrained(sft_model).pad_token_id
     chats = ChatExamples(pafs.LocalFileSystem(), str(Path(sft_manifest.path) / "data/train.parquet"), pad, packed=False)
@@ -310,7 +292,9 @@ def _stage_settings(stage: str, data: Path) -> tuple[object, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "reward", "grpo", "ppo"])
-def test_a_killed_worker_resumes_and_ends_where_an_undisturbed_run_ends(stage, checkpoints, demo_data, tmp_path, ray_session, monkeypatch):
+def test_a_killed_worker_resumes_and_ends_where_an_undisturbed_run_ends(
+    stage, checkpoints, demo_data, tmp_path, ray_session, monkeypatch, stage_alone,
+):
     """Step 3 of 4 kills the worker; Ray Train restarts it from the step-2 checkpoint (weights,
     optimizer, data position, RNG, PPO's KL coefficient and rollout batch) and the exported model
     equals the one an undisturbed run exports."""
@@ -323,9 +307,9 @@ def test_a_killed_worker_resumes_and_ends_where_an_undisturbed_run_ends(stage, c
     module = {"sft": sft, "reward": reward}.get(stage, align)
     cfg = make(init_from=str(checkpoints["llama"]), **settings, **{**STEPS, "batch_size": 2, "steps": 4,
                "eval_every": 4, "checkpoint_every": 2, "max_failures": 1})
-    undisturbed, plain = _run_stage(module, tmp_path / "plain", stage, cfg, {})
+    undisturbed, _, plain = stage_alone(module, tmp_path / "plain", stage, cfg, {})
     monkeypatch.setenv(FAULT_ENV, "3")
-    resumed, killed = _run_stage(module, tmp_path / "killed", stage, cfg, {})
+    resumed, _, killed = stage_alone(module, tmp_path / "killed", stage, cfg, {})
     first, second = (load_file(Path(m.path) / "model" / "model.safetensors") for m in (plain, killed))
     assert first.keys() == second.keys()
     assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
@@ -333,3 +317,83 @@ def test_a_killed_worker_resumes_and_ends_where_an_undisturbed_run_ends(stage, c
     if stage == "ppo":
         assert resumed.metrics["train/kl_coef"] == pytest.approx(undisturbed.metrics["train/kl_coef"], rel=1e-6)
         assert resumed.metrics["train/kl_coef"] != 0.05  # it adapted, and the resumed run kept it
+
+
+def test_training_examples_sharing_an_ngram_with_an_eval_set_are_rejected_with_the_reason(tmp_path):
+    from tasks.data.chat_data import load_examples
+    from tasks.train import align, sft
+    from tasks.train.post_stage import decontaminate
+
+    leaked = "the quick brown fox jumps over the lazy dog near the quiet river bank today"
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"question": f"Q: {leaked.upper()}?", "answer": "x"}) + "\n")
+    chats = [
+        {"id": "clean", "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
+        {"id": "reply", "messages": [{"role": "user", "content": "Tell me."}, {"role": "assistant", "content": f"Well, {leaked}."}]},
+        {"id": "short", "messages": [{"role": "user", "content": "the quick brown fox jumps over"}, {"role": "assistant", "content": "ok"}]},
+    ]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    pairs = [{"prompt": f"Repeat: {leaked}", "chosen": "a", "rejected": "b"}, {"prompt": "Fine?", "chosen": "yes", "rejected": "no"}]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    decon = {"files": [{"path": str(tmp_path / "eval.jsonl"), "text_fields": ["question"]}]}
+
+    cfg = sft.SFTConfig(data=[{"name": "chat", "path": str(tmp_path / "chat.jsonl")}], decontamination=decon)
+    kept, rejected = decontaminate(cfg, "sft", load_examples(cfg.data, "chat", "sft.data").rows)
+    assert [e.id for e in kept] == ["chat/clean", "chat/short"]  # five shared words are not a 13-gram
+    assert rejected == [{"id": "chat/reply", "source": "chat", "file": "chat.jsonl", "line": 2, "reason": "decontamination"}]
+    prefs = align.AlignConfig(data=[{"name": "p", "path": str(tmp_path / "prefs.jsonl")}], decontamination=decon)
+    kept, rejected = decontaminate(prefs, "align", load_examples(prefs.data, "preference", "align.data").rows)
+    assert [e.id for e in kept] == ["p/prefs.jsonl:2"] and [r["line"] for r in rejected] == [1]
+    missing = {"files": [{"path": str(tmp_path / "none.jsonl")}]}
+    with pytest.raises(ConfigError, match=r"sft.decontamination.files\[0\].path: no such file"):
+        sft.sft_inputs(sft.SFTConfig(data=cfg.data, decontamination=missing), None)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)  # a rank that stopped generating early would leave the other waiting: fail, not hang
+@pytest.mark.parametrize("strategy", [{"kind": "ddp"}, {"kind": "fsdp"}, {"kind": "deepspeed", "zero_stage": 3}], ids=["ddp", "fsdp", "zero3"])
+@pytest.mark.parametrize("stage", ["reward", "grpo", "ppo"])
+def test_lora_reward_grpo_and_ppo_on_two_workers(stage, strategy, checkpoints, demo_data, tmp_path, ray_session, stage_alone):
+    """Replies end at different lengths on the two ranks (sampling), yet every rank takes part in
+    every forward of the sharded model until the last reply stops; the exports load as released."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.train import align, reward
+
+    make, settings = _stage_settings(stage, demo_data)
+    module = reward if stage == "reward" else align
+    cfg = make(init_from=str(checkpoints["llama"]), lora=LORA, **settings,
+               **{**STEPS, "batch_size": 2, "steps": 2, "num_workers": 2, "strategy": strategy})
+    result, out, _ = stage_alone(module, tmp_path, stage, cfg, {})
+    folder = Path(out.path("model"))
+    assert json.loads((folder.parent / "adapter" / "adapter_config.json").read_text())["r"] == LORA["r"]
+    if stage == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        assert model.config.num_labels == 1
+        assert set(json.loads((folder.parent / "adapter" / "adapter_config.json").read_text())["modules_to_save"]) & {"score", "classifier"}
+    else:
+        AutoModelForCausalLM.from_pretrained(folder)
+        assert result.metrics["train/kl"] >= 0 and math.isfinite(result.metrics["train/loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "tolerance"), [("sft", 0.03), ("reward", 1e-4), ("dpo", 1e-4)])
+def test_two_workers_follow_the_one_worker_loss_for_the_same_global_batch(stage, tolerance, checkpoints, demo_data, tmp_path, ray_session, stage_alone):
+    """4 sequences per step on one worker, or 2 on each of two: the same examples in every step.
+    Reward and DPO losses are means over pairs, so they agree to rounding; SFT's is a mean over
+    each worker's assistant tokens, so two workers weight the step's conversations a little
+    differently (stated tolerance: 3% relative after 3 steps)."""
+    from tasks.train import align, reward, sft
+
+    chat = {"data": [{"name": "chat", "path": str(demo_data / "sft_train.jsonl")}], "val_fraction": 0.0}
+    prefs = {"data": [{"name": "prefs", "path": str(demo_data / "preference_train.jsonl")}], "val_fraction": 0.0}
+    make, module, data = {
+        "sft": (sft.SFTConfig, sft, chat), "reward": (reward.RewardConfig, reward, prefs),
+        "dpo": (functools.partial(align.AlignConfig, method="dpo"), align, prefs),
+    }[stage]
+    losses = []
+    for workers in (1, 2):
+        cfg = make(init_from=str(checkpoints["llama"]), **data,
+                   **{**STEPS, "steps": 3, "eval_every": 3, "num_workers": workers, "batch_size": 4 // workers})
+        result, _, _ = stage_alone(module, tmp_path / str(workers), stage, cfg, {})
+        losses.append(result.metrics["train/loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=tolerance)

@@ -7,7 +7,6 @@ import functools
 import json
 import math
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,14 +20,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from models.chat import END
 from models.heads import PolicyWithValueHead, RewardModelWithLMHead, sequence_rewards
 from models.presets import build_model
-from models.tokenizer import save_tokenizer, train_tokenizer
-from tasks.config import PipelineConfig
+from models.tokenizer import save_tokenizer
 from tasks.data.chat_data import ChatSource, load_examples
-from tasks.data.demo_chat import write_demo_chat
 from tasks.errors import ConfigError
-from tasks.stage import Manifest, StageContext
-from tasks.store import StageDir
-from tasks.tracking import RunLogger, experiment_id
+from tasks.tracking import experiment_id
 from tasks.train import align, reward, sft
 from tasks.train.dpo import DPO, response_logprobs
 from tasks.train.grpo import GRPO
@@ -155,26 +150,14 @@ def test_arithmetic_checker_reads_the_final_answer():
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
+def demo_data(demo_chat_cut):
     """The demo chat data, cut down: 160 training and 16 held-out rows per set."""
-    full = write_demo_chat(tmp_path_factory.mktemp("demo-full"))
-    small = tmp_path_factory.mktemp("demo")
-    for name, path in full.items():
-        lines = path.read_text().splitlines()
-        if name.endswith("_train"):  # a spread of every kind of example
-            lines = lines[:: max(1, len(lines) // 160)][:160]
-        (small / path.name).write_text("\n".join(lines[: 160 if name.endswith("_train") else 16]) + "\n")
-    return small
+    return demo_chat_cut(160)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(demo_data):
-    texts = []
-    for path in demo_data.glob("*.jsonl"):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            texts += [m["content"] for m in row.get("messages", [])] + [row.get(k, "") for k in ("prompt", "chosen", "rejected")]
-    return train_tokenizer([t for t in texts if isinstance(t, str)], 600)
+def tokenizer(demo_data, train_chat_tokenizer):
+    return train_chat_tokenizer(demo_data, 600)
 
 
 @pytest.fixture(scope="module")
@@ -431,20 +414,6 @@ def test_generation_stops_at_the_first_stop_token(tokenizer, init_model):
 # ---------------------------------------------------------------------------------- stages
 
 
-def _manifest(out: StageDir, stage: str) -> Manifest:
-    now = datetime.now(timezone.utc)
-    return Manifest(stage=stage, fingerprint="fp", upstream={}, path=out.uri, files=out.list_files(),
-                    code_version="1", crucible_version="test", started_at=now, finished_at=now)
-
-
-def _run(module, root: Path, name: str, cfg, upstream: dict[str, Manifest], tag: str = "fp", run_id=None, uri=None):
-    out = StageDir.at(str(root), name, tag)
-    out.make()
-    ctx = StageContext(name=name, config=cfg, pipeline=PipelineConfig(name="post"), upstream=upstream, out=out,
-                       log=RunLogger(run_id, uri), run_id=run_id)
-    return module.run(ctx), out
-
-
 SMALL = {"batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "eval_batches": 1, "max_length": 160}
 
 
@@ -460,7 +429,7 @@ def _toy_preferences(folder: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def chain(demo_data, init_model, ray_session, tmp_path_factory):
+def chain(demo_data, init_model, ray_session, tmp_path_factory, stage_alone):
     """sft (packed, a bad row in its data) → reward → align: dpo, a few steps each."""
     root = tmp_path_factory.mktemp("store")
     sft_data = demo_data / "sft_with_bad_row.jsonl"
@@ -470,14 +439,14 @@ def chain(demo_data, init_model, ray_session, tmp_path_factory):
         init_from=str(init_model), data=[{"name": "chat", "path": str(sft_data)}], val_fraction=0.1, packing=True,
         steps=8, eval_every=8, sample_tokens=4, **SMALL,
     )
-    sft_result, sft_out = _run(sft, root, "sft", sft_cfg, {})
+    sft_result, sft_out, sft_manifest = stage_alone(sft, root, "sft", sft_cfg, {})
     prefs = [{"name": "prefs", "path": str(demo_data / "preference_train.jsonl")}]
     held = [{"name": "prefs", "path": str(demo_data / "preference_heldout.jsonl")}]
     toy_train, toy_held = _toy_preferences(root)
     rm_cfg = reward.RewardConfig(data=[{"name": "toy", "path": str(toy_train)}], validation=[{"name": "toy", "path": str(toy_held)}],
                                  steps=12, eval_every=12, lm_weight=1.0, **SMALL)
-    rm_result, rm_out = _run(reward, root, "reward", rm_cfg, {"sft": _manifest(sft_out, "sft")})
-    upstream = {"sft": _manifest(sft_out, "sft"), "reward": _manifest(rm_out, "reward")}
+    rm_result, rm_out, rm_manifest = stage_alone(reward, root, "reward", rm_cfg, {"sft": sft_manifest})
+    upstream = {"sft": sft_manifest, "reward": rm_manifest}
     # DPO's worker is killed before step 4 (the latest checkpoint is step 2) and Ray Train restarts it
     dpo_cfg = align.AlignConfig(
         method="dpo", data=prefs, validation=held, steps=4, eval_every=4, checkpoint_every=2, max_failures=1, **SMALL
@@ -486,7 +455,7 @@ def chain(demo_data, init_model, ray_session, tmp_path_factory):
     run_id = MlflowClient(uri).create_run(experiment_id(uri, "post")).info.run_id
     os.environ[FAULT_ENV] = "4"
     try:
-        dpo_result, dpo_out = _run(align, root, "align", dpo_cfg, upstream, run_id=run_id, uri=uri)
+        dpo_result, dpo_out, _ = stage_alone(align, root, "align", dpo_cfg, upstream, run_id=run_id, uri=uri)
     finally:
         del os.environ[FAULT_ENV]
     return {
@@ -545,14 +514,14 @@ def test_dpo_logs_margins_and_moves_away_from_the_reference(chain):
     assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(out.path("model")))
 
 
-def test_grpo_with_the_arithmetic_verifier(chain, demo_data):
+def test_grpo_with_the_arithmetic_verifier(chain, demo_data, stage_alone):
     prompts = [{"name": "math", "path": str(demo_data / "prompts_train.jsonl")}]
     held = [{"name": "math", "path": str(demo_data / "prompts_heldout.jsonl")}]
     cfg = align.AlignConfig(
         method="grpo", reward="arithmetic", data=prompts, validation=held, steps=2, eval_every=2, eval_tokens=8,
         eval_samples=2, sampling={"max_new_tokens": 8}, grpo={"group_size": 2}, **{**SMALL, "batch_size": 2},
     )
-    result, out = _run(align, chain["root"], "align", cfg, chain["upstream"], tag="grpo")
+    result, out, _ = stage_alone(align, chain["root"], "align", cfg, chain["upstream"], tag="grpo")
     for key in ("train/reward/mean", "train/kl", "train/entropy", "train/response_length", "heldout/exact_match",
                 "heldout/exact_match_sft", "heldout/sampled_exact_match", "heldout/sampled_exact_match_sft"):
         assert key in result.metrics, key
@@ -569,13 +538,13 @@ def test_grpo_with_the_arithmetic_verifier(chain, demo_data):
     assert measure(Sampling(8), 2, 7) == measure(Sampling(8), 2, 7)
 
 
-def test_ppo_with_the_reward_model_exports_the_policy_alone(chain, demo_data):
+def test_ppo_with_the_reward_model_exports_the_policy_alone(chain, demo_data, stage_alone):
     prompts = [{"name": "math", "path": str(demo_data / "prompts_train.jsonl")}]
     cfg = align.AlignConfig(
         method="ppo", data=prompts, val_fraction=0.0, steps=2, sampling={"max_new_tokens": 6},
         ppo={"epochs": 2, "kl_target": 1.0}, **{**SMALL, "batch_size": 2},
     )
-    result, out = _run(align, chain["root"], "align", cfg, chain["upstream"], tag="ppo")
+    result, out, _ = stage_alone(align, chain["root"], "align", cfg, chain["upstream"], tag="ppo")
     for key in ("train/reward/mean", "train/kl", "train/kl_coef", "train/entropy", "train/clip_fraction",
                 "train/value_loss", "train/response_length"):
         assert key in result.metrics, key

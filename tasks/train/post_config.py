@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.data.chat_data import ChatSource
+from tasks.data.filters.decontam import DecontaminationConfig, eval_files_digest
 from tasks.data.ingest import list_source_files
 from tasks.digest import file_digest, folder_digest
 from tasks.errors import ConfigError
@@ -61,6 +62,9 @@ class PostTrainConfig(TrainConfig):
         "or a Jinja template: the text itself or the path of a file holding it",
     )
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
+    decontamination: DecontaminationConfig | None = Field(
+        None, description="evaluation sets to keep out of `data`: examples sharing an n-gram with them go to rejected/ (as in `filter`)",
+    )
 
 
 def inputs_digest(cfg: PostTrainConfig, stage: str) -> str:
@@ -87,6 +91,11 @@ def inputs_digest(cfg: PostTrainConfig, stage: str) -> str:
             problems.append((f"{stage}.init_from", f"'{cfg.init_from}' is not a Hugging Face model folder (no config.json)"))
         else:
             digest.update(f"init_from\0{folder_digest(folder)}\n".encode())
+    if cfg.decontamination is not None:
+        try:
+            digest.update(f"decontamination\0{eval_files_digest(cfg.decontamination, f'{stage}.decontamination')}\n".encode())
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     template = chat_template_file(cfg.chat_template)
     if template is not None:
         digest.update(f"chat_template\0{file_digest(template)}\n".encode())

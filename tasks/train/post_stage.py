@@ -3,9 +3,11 @@
 Their config (``PostTrainConfig``) and input digest are in ``post_config.py``; this module loads
 torch and transformers, so the stages import it from their ``run``.
 
-- Data preparation: read and validate the sources (``tasks/data/chat_data.py``), split off the
-  held-out set, tokenise on the driver, write ``data/{train,validation}.parquet`` and
-  ``quarantine/`` into the stage folder. Deterministic, so a rerun after a crash writes the same
+- Data preparation: read and validate the sources (``tasks/data/chat_data.py``), drop the
+  training examples that share an n-gram with an evaluation set (``decontamination``, the
+  ``filter`` stage's index; into ``rejected/`` with the reason), split off the held-out set,
+  tokenise on the driver, write ``data/{train,validation}.parquet`` and ``quarantine/`` into the
+  stage folder. Deterministic, so a rerun after a crash writes the same
   files and the loop resumes on the same examples.
 - Model folders: every post-training stage writes a Hugging Face folder ``model/`` (weights,
   config, tokenizer with chat template); ``materialize`` gives workers a local copy when the
@@ -31,13 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from models.tokenizer import MissingChatTemplate, load_tokenizer, save_tokenizer
 from tasks.data.chat_data import Example, is_held_out, load_examples, write_quarantine
+from tasks.data.filters.decontam import build_index
 from tasks.errors import ConfigError, StageError
 from tasks.stage import Manifest, StageContext
 from tasks.train.data import ExampleSource
@@ -55,6 +60,7 @@ CHECKPOINT_DIR = "checkpoints"
 TRAIN_FILE = "data/train.parquet"
 VALIDATION_FILE = "data/validation.parquet"
 QUARANTINE_FILE = "quarantine/quarantine.parquet"
+REJECTED_FILE = "rejected/rejected.parquet"
 R = TypeVar("R")
 
 
@@ -83,6 +89,8 @@ def prepare_data(
     cfg: PostTrainConfig = ctx.config
     train = load_examples(cfg.data, kind, f"{ctx.name}.data")
     quarantine = list(train.quarantine)
+    train.rows, rejected = decontaminate(cfg, ctx.name, train.rows)
+    write_rows(ctx.out.fs, ctx.out.path(REJECTED_FILE), rejected)
     if cfg.validation:
         held = load_examples(cfg.validation, kind, f"{ctx.name}.validation")
         quarantine += held.quarantine
@@ -112,9 +120,39 @@ def prepare_data(
     write_quarantine(ctx.out.fs, ctx.out.path(QUARANTINE_FILE), quarantine)
     counts = {
         "train_examples": len(train_encoded), "train_rows": len(train_rows),
-        "validation_examples": len(val_encoded), "quarantined": len(quarantine),
+        "validation_examples": len(val_encoded), "quarantined": len(quarantine), "decontaminated": len(rejected),
     }
     return PreparedData(ctx.out.path(TRAIN_FILE), ctx.out.path(VALIDATION_FILE) if val_encoded else None, val_values, counts)
+
+
+def example_texts(value: Any) -> list[str]:
+    """Every text of a chat (``messages``), preference pair or prompt row."""
+    if isinstance(value, list):
+        return [m["content"] for m in value]
+    messages = [*value.prompt, *getattr(value, "chosen", []), *getattr(value, "rejected", [])]
+    return [m["content"] for m in messages] + ([value.answer] if getattr(value, "answer", None) else [])
+
+
+def decontaminate(cfg: PostTrainConfig, stage: str, examples: list[Example]) -> tuple[list[Example], list[dict[str, Any]]]:
+    """(the examples sharing no ``ngram``-word sequence with the evaluation sets, rejected rows)."""
+    if cfg.decontamination is None:
+        return examples, []
+    index = build_index(cfg.decontamination, f"{stage}.decontamination")
+    kept, rejected = [], []
+    for example in examples:
+        if any(index.contaminated(text) for text in example_texts(example.value)):
+            rejected.append({"id": example.id, "source": example.source, "file": example.file, "line": example.line,
+                             "reason": "decontamination"})
+        else:
+            kept.append(example)
+    return kept, rejected
+
+
+def write_rows(fs: pafs.FileSystem, path: str, rows: list[dict[str, Any]]) -> None:
+    """Rows as one Parquet file; nothing when there are none."""
+    if rows:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(pa.Table.from_pylist(rows), path, filesystem=fs)
 
 
 # ---------------------------------------------------------------------------------- model folders

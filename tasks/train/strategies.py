@@ -109,6 +109,12 @@ class TorchStrategy(Strategy):
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
     def _shard(self, model: PreTrainedModel) -> nn.Module:
+        """Every decoder layer, the language model that ``generate`` calls when a wrapper (LoRA,
+        a value head) holds it, then the root.
+
+        Generation enters the inner model without passing the root, so that model is a unit of
+        its own, and one forward through the root first lets FSDP initialise from the root.
+        """
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
@@ -116,7 +122,13 @@ class TorchStrategy(Strategy):
         for module in model.modules():
             if type(module).__name__ in blocks:
                 fully_shard(module, mp_policy=policy)
+        inner = generation_model(model)
+        if inner is not model:
+            fully_shard(inner, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
+        if inner is not model:
+            with torch.no_grad():
+                model(input_ids=torch.ones((1, 1), dtype=torch.long, device=self.device))
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -266,6 +278,18 @@ class DeepSpeedStrategy(Strategy):
         else:
             state = self.model.module.state_dict()
         return {k: v.detach().cpu() for k, v in state.items()} if _rank() == 0 else None
+
+
+def generation_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside training wrappers (a value head's ``released`` model, peft's
+    ``PeftModel``): the one whose forward ``generate`` runs."""
+    while True:
+        if getattr(model, "released", ""):
+            model = getattr(model, model.released)
+        elif type(model).__module__.startswith("peft."):
+            model = model.get_base_model()
+        else:
+            return model
 
 
 def build_strategy(model: PreTrainedModel, cfg: TrainConfig, device: torch.device) -> Strategy:

@@ -96,8 +96,9 @@ def _field_texts(value: object) -> list[str]:
     return []
 
 
-def build_index(cfg: DecontaminationConfig) -> EvalIndex:
-    """Read every evaluation file; an unreadable file is a config error naming it."""
+def build_index(cfg: DecontaminationConfig, field: str = "filter.decontamination") -> EvalIndex:
+    """Read every evaluation file; an unreadable file is a config error naming it (``field``: where
+    the config holds ``cfg``)."""
     parts, texts, short, bad = [], 0, 0, 0
     for i, spec in enumerate(cfg.files):
         fs, path = _open(spec.path)
@@ -105,7 +106,7 @@ def build_index(cfg: DecontaminationConfig) -> EvalIndex:
             with fs.open_input_stream(path) as stream:
                 data = stream.read()
         except OSError as exc:
-            raise ConfigError("config", [(f"filter.decontamination.files[{i}].path", f"cannot read '{spec.path}': {exc}")]) from None
+            raise ConfigError("config", [(f"{field}.files[{i}].path", f"cannot read '{spec.path}': {exc}")]) from None
         for line in data.splitlines():
             if not line.strip():
                 continue
@@ -127,13 +128,13 @@ def build_index(cfg: DecontaminationConfig) -> EvalIndex:
     return EvalIndex(hashes=hashes, ngram=cfg.ngram, texts=texts, short_texts=short, bad_lines=bad)
 
 
-def eval_files_digest(cfg: DecontaminationConfig) -> str:
+def eval_files_digest(cfg: DecontaminationConfig, field: str = "filter.decontamination") -> str:
     """The output depends on the evaluation files' contents: digest their paths, sizes and mtimes."""
     digest = hashlib.sha256()
     for i, spec in enumerate(cfg.files):
         fs, path = _open(spec.path)
         info = fs.get_file_info(path)
         if info.type != pafs.FileType.File:
-            raise ConfigError("config", [(f"filter.decontamination.files[{i}].path", f"no such file '{spec.path}'")])
+            raise ConfigError("config", [(f"{field}.files[{i}].path", f"no such file '{spec.path}'")])
         digest.update(f"{i}\0{spec.path}\0{info.size}\0{info.mtime_ns}\n".encode())
     return digest.hexdigest()
