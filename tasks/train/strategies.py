@@ -129,6 +129,7 @@ class TorchStrategy(Strategy):
         if inner is not model:
             with torch.no_grad():
                 model(input_ids=torch.ones((1, 1), dtype=torch.long, device=self.device))
+            model.reshard()  # the root keeps its weights gathered after a forward: the optimizer must see the shards
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager:
