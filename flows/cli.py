@@ -13,7 +13,7 @@ from pathlib import Path
 
 import flows  # noqa: F401  (embedded defaults before Prefect is imported)
 from tasks.config import load_config
-from tasks.errors import ConfigError, CrucibleError
+from tasks.errors import CrucibleError
 from tasks.registry import STAGE_ORDER, STAGES
 from tasks.store import read_text
 
@@ -132,7 +132,7 @@ def _copy_demo_checkpoint(dest: Path) -> None:
     demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
     try:
         manifest = plan(load_config(demo))["pretrain"].manifest() if demo.is_file() else None
-    except ConfigError:  # the demo's own data is not there yet
+    except CrucibleError:  # the demo's own data is not there yet
         manifest = None
     if manifest is None:
         print(f"  {'checkpoint':<24} {dest}  (not yet: the demo's pretrain stage has not run)")
