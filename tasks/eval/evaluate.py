@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.digest import folder_digest
 from tasks.errors import ConfigError
 from tasks.eval.pairwise import PairwiseSuite
 from tasks.eval.preference import PreferenceSuite, implicit_reward
@@ -103,14 +104,11 @@ def _model_stages(cfg: EvaluateConfig, available: Any) -> list[str]:
 
 
 def _folder_digest(path: str, field: str) -> str:
+    """The content digest of a model folder (``tasks/digest.py``); not a model folder is a config error."""
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise ConfigError("config", [(field, f"'{path}' is not a Hugging Face model folder (no config.json)")])
-    digest = hashlib.sha256()
-    for f in sorted(p for p in folder.iterdir() if p.is_file()):
-        stat = f.stat()
-        digest.update(f"{f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    return folder_digest(folder)
 
 
 def inputs_digest(cfg: EvaluateConfig, pipeline: Any) -> str:
