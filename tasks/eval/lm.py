@@ -59,10 +59,23 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def render_conversation(tokenizer, prompt: str, reply: str) -> str:
-    """One user turn and the reply through the chat template, ending at the reply's ``<|end|>``
+Prompt = str | list[dict[str, str]]
+"""One user turn, or a conversation (``{"role", "content"}`` messages) ending with a user turn."""
+
+
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def as_text(prompt: Prompt) -> str:
+    """A prompt for a model without a chat template: the text, or the turns' contents one after another."""
+    return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
+
+
+def render_conversation(tokenizer, prompt: Prompt, reply: str) -> str:
+    """The prompt and the reply through the chat template, ending at the reply's ``<|end|>``
     (the template's trailing newline dropped), as the post-training stages render it."""
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+    messages = [*as_messages(prompt), {"role": "assistant", "content": reply}]
     return tokenizer.apply_chat_template(messages, tokenize=False).rstrip("\n")
 
 
@@ -114,16 +127,14 @@ class LanguageModel:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_ids(self, prompt: str, chat: bool) -> list[int]:
+    def prompt_ids(self, prompt: Prompt, chat: bool) -> list[int]:
         """Token ids that generation continues: the chat template's assistant header, or the text."""
         if chat and self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
+            text = self.tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
             return self.encode(text)
-        return self.encode(prompt) or [self.prefix_id]
+        return self.encode(as_text(prompt)) or [self.prefix_id]
 
-    def reply_ids(self, prompt: str, reply: str, chat: bool) -> tuple[list[int], list[int]]:
+    def reply_ids(self, prompt: Prompt, reply: str, chat: bool) -> tuple[list[int], list[int]]:
         """(prompt ids, reply ids) as post-training renders them: a chat model's reply runs through
         its closing ``<|end|>``; a plain model reads ``prompt``, a blank line, then ``reply``."""
         if chat and self.tokenizer.chat_template:
@@ -132,11 +143,11 @@ class LanguageModel:
             if whole[: len(head)] == head:
                 return head, whole[len(head) :]
             return head, self.encode(reply)
-        return self.encode(f"{prompt}\n\n") or [self.prefix_id], self.encode(reply)
+        return self.encode(f"{as_text(prompt)}\n\n") or [self.prefix_id], self.encode(reply)
 
     # ------------------------------------------------------------------------------ scoring
 
-    def reply_logprobs(self, prompts: Sequence[str], replies: Sequence[str], chat: bool) -> list[float]:
+    def reply_logprobs(self, prompts: Sequence[Prompt], replies: Sequence[str], chat: bool) -> list[float]:
         """log p(reply | prompt), summed over the reply's tokens (see ``reply_ids``)."""
         sequences, scored = [], []
         for prompt, reply in zip(prompts, replies):
@@ -211,7 +222,7 @@ class LanguageModel:
     @torch.no_grad()
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         *,
         chat: bool,
         max_new_tokens: int,

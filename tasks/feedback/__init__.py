@@ -1,0 +1,1 @@
+"""Feedback without hand-made pairs: Constitutional AI (critique, revision, AI preference labels)."""
