@@ -8,6 +8,7 @@ result depends on the games only (and the seed). Ratings are zero-sum around ``i
 from __future__ import annotations
 
 import random
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -57,3 +58,31 @@ def win_rates(games: Iterable[Game]) -> dict[str, float]:
             points[player] = points.get(player, 0.0) + score
             played[player] = played.get(player, 0) + 1
     return {player: points[player] / played[player] for player in sorted(points)}
+
+
+def bootstrap_elo(
+    games: Sequence[Game], rounds: int = 100, seed: int = 0, k: float = 16.0, initial: float = 1000.0, orders: int = 10
+) -> dict[str, tuple[float, float, float]]:
+    """Each player's rating with a 95% interval: ``(rating, 2.5th, 97.5th percentile)``.
+
+    The rating is ``elo_ratings`` of all the games; the interval comes from ``rounds`` resamples
+    of the games with replacement (the spread a different draw of the same comparisons would
+    give), each rated over ``orders`` shuffled orders: fewer than the point rating's, since the
+    resampling already varies the order and a live report page recomputes this on every view.
+    A player missing from a resample is left out of that round's percentiles.
+    """
+    if rounds < 2:
+        raise ValueError(f"bootstrap_elo: rounds must be at least 2, got {rounds}")
+    ratings = elo_ratings(games, k=k, initial=initial, seed=seed)
+    rng = random.Random(seed)
+    samples: dict[str, list[float]] = {player: [] for player in ratings}
+    for round_ in range(rounds):
+        resample = rng.choices(games, k=len(games))
+        for player, rating in elo_ratings(resample, k=k, initial=initial, orders=orders, seed=seed + round_).items():
+            samples[player].append(rating)
+    intervals = {}
+    for player, rating in ratings.items():
+        values = samples[player] if len(samples[player]) >= 2 else [rating, rating]
+        cuts = statistics.quantiles(values, n=40, method="inclusive")  # 39 cuts: the first is 2.5%, the last 97.5%
+        intervals[player] = (rating, cuts[0], cuts[-1])
+    return intervals
