@@ -21,6 +21,7 @@ from tasks.data.tokenize import TokenizeConfig
 from tasks.data.tokenizer import TokenizerConfig
 from tasks.errors import ConfigError
 from tasks.eval.evaluate import EvaluateConfig
+from tasks.feedback.cai import FeedbackConfig
 from tasks.paths import state_dir
 from tasks.registry import STAGE_ORDER, STAGES
 from tasks.train.align import AlignConfig
@@ -65,6 +66,7 @@ class PipelineConfig(Strict):
     tokenize: TokenizeConfig | None = None
     pretrain: PretrainConfig | None = None
     sft: SFTConfig | None = None
+    feedback: FeedbackConfig | None = None
     reward: RewardConfig | None = None
     align: AlignConfig | None = None
     evaluate: EvaluateConfig | None = None
@@ -85,7 +87,11 @@ class PipelineConfig(Strict):
     def _sections_form_a_chain(self) -> PipelineConfig:
         for stage in self.configured_stages():
             declared = STAGES[stage]
-            missing = [up for up in declared.required_upstream(self.section(stage)) if self.section(up) is None]
+            needed = declared.required_upstream(self.section(stage))
+            later = [up for up in needed if STAGE_ORDER.index(up) > STAGE_ORDER.index(stage)]
+            if later:
+                raise ValueError(f"stage '{stage}' cannot read the output of {', '.join(later)}: it runs before them")
+            missing = [up for up in needed if self.section(up) is None]
             if missing:
                 hint = f" (or {stage}.init_from: a local Hugging Face checkpoint)" if declared.needs else ""
                 raise ValueError(f"stage '{stage}' needs the section(s) {', '.join(missing)}{hint}")

@@ -12,6 +12,7 @@ from tasks.data import ingest
 from tasks.data import pii
 from tasks.data import tokenize, tokenizer
 from tasks.eval import evaluate
+from tasks.feedback import cai
 from tasks.stage import Stage
 from tasks.train import align, pretrain, reward, sft
 
@@ -24,9 +25,10 @@ STAGE_ORDER: tuple[str, ...] = (
     "tokenize",
     "pretrain",
     "sft",
+    "feedback",
     "reward",
     "align",
     "evaluate",
 )
 
-STAGES: dict[str, Stage] = {s.name: s for s in (ingest.STAGE, filter_stage.STAGE, dedup.STAGE, pii.STAGE, tokenizer.STAGE, tokenize.STAGE, pretrain.STAGE, sft.STAGE, reward.STAGE, align.STAGE, evaluate.STAGE)}
+STAGES: dict[str, Stage] = {s.name: s for s in (ingest.STAGE, filter_stage.STAGE, dedup.STAGE, pii.STAGE, tokenizer.STAGE, tokenize.STAGE, pretrain.STAGE, sft.STAGE, cai.STAGE, reward.STAGE, align.STAGE, evaluate.STAGE)}

@@ -49,6 +49,36 @@ class ChatSource(BaseModel):
     format: Literal["jsonl", "parquet"] = "jsonl"
 
 
+class StageSource(BaseModel):
+    """Data another stage of the pipeline wrote: ``{stage: feedback, split: preferences}``.
+
+    The stage becomes an upstream of the one reading it, so fingerprints chain through it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal["feedback"]
+    split: Literal["revisions", "preferences"] = Field(
+        ..., description="`revisions` (chat: prompt -> final revision) or `preferences` (AI-labelled pairs)"
+    )
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}-{self.split}"
+
+    @property
+    def kind(self) -> Literal["chat", "preference"]:
+        return "chat" if self.split == "revisions" else "preference"
+
+    @property
+    def file(self) -> str:
+        """The file, relative to the stage's output folder."""
+        return f"{self.split}.jsonl"
+
+
+DataSource = ChatSource | StageSource
+
+
 @dataclass(frozen=True)
 class PreferencePair:
     """A prompt (ending with a user turn) and two assistant replies, the first preferred."""

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.stage import Stage, StageContext, StageResult
-from tasks.train.post_config import PostTrainConfig, inputs_digest
+from tasks.train.post_config import PostTrainConfig, data_stages, inputs_digest
 from tasks.train.rewards import VERIFIERS
 
 
@@ -179,7 +179,7 @@ def align_inputs(cfg: AlignConfig, _pipeline: Any) -> str:
 def align_needs(cfg: AlignConfig) -> tuple[str, ...]:
     """The policy's start (``sft`` unless ``init_from``) and the reward model when one scores replies."""
     policy = () if cfg.init_from else ("sft",)
-    return policy + (("reward",) if cfg.method != "dpo" and cfg.reward == "model" else ())
+    return policy + (("reward",) if cfg.method != "dpo" and cfg.reward == "model" else ()) + data_stages(cfg)
 
 
-STAGE = Stage(name="align", upstream=("sft", "reward"), version="2", run=run, inputs=align_inputs, needs=align_needs)
+STAGE = Stage(name="align", upstream=("sft", "feedback", "reward"), version="2", run=run, inputs=align_inputs, needs=align_needs)

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.data.chat_data import ChatSource
+from tasks.data.chat_data import DataSource, StageSource
 from tasks.data.filters.decontam import DecontaminationConfig, eval_files_digest
 from tasks.data.ingest import list_source_files
 from tasks.digest import file_digest, folder_digest
@@ -42,8 +42,10 @@ class LoraSettings(BaseModel):
 class PostTrainConfig(TrainConfig):
     """Training settings plus the data a post-training stage learns from."""
 
-    data: list[ChatSource] = Field(..., min_length=1, description="training sources")
-    validation: list[ChatSource] = Field(
+    data: list[DataSource] = Field(
+        ..., min_length=1, description="training sources: files, or another stage's output (`{stage: feedback, split: preferences}`)"
+    )
+    validation: list[DataSource] = Field(
         default_factory=list, description="held-out sources; when empty, `val_fraction` of `data` is held out"
     )
     val_fraction: float = Field(0.05, ge=0, lt=1, description="share of `data` held out (by id hash) when `validation` is empty")
@@ -67,24 +69,35 @@ class PostTrainConfig(TrainConfig):
     )
 
 
+def sources_digest(sources: list[DataSource], where: str, problems: list[tuple[str, str]]) -> str:
+    """A digest of the files the sources match, by content for local files (size and mtime on object
+    stores); a source that matches nothing is added to ``problems``. A stage's output counts by its
+    fingerprint (an upstream of the section), so it is skipped here."""
+    digest = hashlib.sha256()
+    for i, source in enumerate(sources):
+        if isinstance(source, StageSource):
+            continue
+        try:
+            _base, files = list_source_files(source)  # type: ignore[arg-type]
+        except (OSError, ValueError) as exc:
+            problems.append((f"{where}[{i}].path", f"cannot read '{source.path}': {exc}"))
+            continue
+        if not files:
+            problems.append((f"{where}[{i}].path", f"no files match '{source.path}'"))
+        for info in files:
+            local = "://" not in source.path or source.path.startswith("file://")
+            content = file_digest(info.path) if local else f"{info.path}\0{info.size}\0{info.mtime_ns}"
+            digest.update(f"{i}\0{content}\n".encode())
+    return digest.hexdigest()
+
+
 def inputs_digest(cfg: PostTrainConfig, stage: str) -> str:
     """The output depends on the data files, on ``init_from`` (a model folder outside the store)
     and on a chat-template file: hash their contents. Sources that match nothing are config errors."""
     digest = hashlib.sha256()
-    problems = []
+    problems: list[tuple[str, str]] = []
     for field, sources in (("data", cfg.data), ("validation", cfg.validation)):
-        for i, source in enumerate(sources):
-            try:
-                _base, files = list_source_files(source)  # type: ignore[arg-type]
-            except (OSError, ValueError) as exc:
-                problems.append((f"{stage}.{field}[{i}].path", f"cannot read '{source.path}': {exc}"))
-                continue
-            if not files:
-                problems.append((f"{stage}.{field}[{i}].path", f"no files match '{source.path}'"))
-            for info in files:
-                local = "://" not in source.path or source.path.startswith("file://")
-                content = file_digest(info.path) if local else f"{info.path}\0{info.size}\0{info.mtime_ns}"
-                digest.update(f"{field}{i}\0{content}\n".encode())
+        digest.update(f"{field}\0{sources_digest(sources, f'{stage}.{field}', problems)}\n".encode())
     if cfg.init_from is not None:
         folder = Path(cfg.init_from).expanduser()
         if not (folder / "config.json").is_file():
@@ -102,6 +115,11 @@ def inputs_digest(cfg: PostTrainConfig, stage: str) -> str:
     if problems:
         raise ConfigError("config", problems)
     return digest.hexdigest()
+
+
+def data_stages(cfg: PostTrainConfig) -> tuple[str, ...]:
+    """The pipeline stages whose outputs the section's data sources read (upstreams of the section)."""
+    return tuple(sorted({s.stage for s in (*cfg.data, *cfg.validation) if isinstance(s, StageSource)}))
 
 
 def chat_template_file(value: str) -> Path | None:

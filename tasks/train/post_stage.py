@@ -41,7 +41,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from models.tokenizer import MissingChatTemplate, load_tokenizer, save_tokenizer
-from tasks.data.chat_data import Example, is_held_out, load_examples, write_quarantine
+from tasks.data.chat_data import ChatSource, DataSource, Example, StageSource, is_held_out, load_examples, write_quarantine
 from tasks.data.filters.decontam import build_index
 from tasks.errors import ConfigError, StageError
 from tasks.stage import Manifest, StageContext
@@ -87,12 +87,12 @@ def prepare_data(
     encoded training rows (SFT packing).
     """
     cfg: PostTrainConfig = ctx.config
-    train = load_examples(cfg.data, kind, f"{ctx.name}.data")
+    train = load_examples(resolve_sources(ctx, cfg.data, kind, "data"), kind, f"{ctx.name}.data")
     quarantine = list(train.quarantine)
     train.rows, rejected = decontaminate(cfg, ctx.name, train.rows)
     write_rows(ctx.out.fs, ctx.out.path(REJECTED_FILE), rejected)
     if cfg.validation:
-        held = load_examples(cfg.validation, kind, f"{ctx.name}.validation")
+        held = load_examples(resolve_sources(ctx, cfg.validation, kind, "validation"), kind, f"{ctx.name}.validation")
         quarantine += held.quarantine
         train_rows, val_rows = train.rows, held.rows
     else:
@@ -123,6 +123,24 @@ def prepare_data(
         "validation_examples": len(val_encoded), "quarantined": len(quarantine), "decontaminated": len(rejected),
     }
     return PreparedData(ctx.out.path(TRAIN_FILE), ctx.out.path(VALIDATION_FILE) if val_encoded else None, val_values, counts)
+
+
+def resolve_sources(ctx: StageContext, sources: list[DataSource], kind: str, field: str) -> list[ChatSource]:
+    """File sources as they are; a stage's output (``{stage: feedback, split: …}``) as the file of its manifest."""
+    out, problems = [], []
+    for i, source in enumerate(sources):
+        if not isinstance(source, StageSource):
+            out.append(source)
+        elif source.kind != kind:
+            problems.append((f"{ctx.name}.{field}[{i}].split", f"'{source.split}' holds {source.kind} data; this stage reads {kind} data"))
+        else:
+            manifest = ctx.upstream[source.stage]
+            if source.file not in manifest.files:
+                raise StageError(f"stage '{source.stage}' output at {manifest.path} has no {source.file}")
+            out.append(ChatSource(name=source.name, path=f"{manifest.path.rstrip('/')}/{source.file}"))
+    if problems:
+        raise ConfigError("config", problems)
+    return out
 
 
 def example_texts(value: Any) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from tasks.stage import Stage, StageContext, StageResult
-from tasks.train.post_config import PostTrainConfig, inputs_digest
+from tasks.train.post_config import PostTrainConfig, data_stages, inputs_digest
 
 
 class RewardConfig(PostTrainConfig):
@@ -83,7 +83,7 @@ def reward_inputs(cfg: RewardConfig, _pipeline: Any) -> str:
 
 
 def reward_needs(cfg: RewardConfig) -> tuple[str, ...]:
-    return () if cfg.init_from else ("sft",)
+    return (() if cfg.init_from else ("sft",)) + data_stages(cfg)
 
 
-STAGE = Stage(name="reward", upstream=("sft",), version="1", run=run, inputs=reward_inputs, needs=reward_needs)
+STAGE = Stage(name="reward", upstream=("sft", "feedback"), version="1", run=run, inputs=reward_inputs, needs=reward_needs)

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from tasks.errors import ConfigError
 from tasks.stage import Stage, StageContext, StageResult
-from tasks.train.post_config import PostTrainConfig, inputs_digest
+from tasks.train.post_config import PostTrainConfig, data_stages, inputs_digest
 
 SAMPLES = 8
 
@@ -105,7 +105,7 @@ def sft_inputs(cfg: SFTConfig, _pipeline: Any) -> str:
 
 
 def sft_needs(cfg: SFTConfig) -> tuple[str, ...]:
-    return () if cfg.init_from else ("pretrain",)
+    return (() if cfg.init_from else ("pretrain",)) + data_stages(cfg)
 
 
 STAGE = Stage(name="sft", upstream=("pretrain",), version="1", run=run, inputs=sft_inputs, needs=sft_needs)
