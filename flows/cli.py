@@ -122,6 +122,28 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rate(args: argparse.Namespace) -> int:
+    """Serve the rating page, add a rater, or export the votes as preference data (``tasks/feedback/rating_app.py``)."""
+    from tasks.feedback.rating_app import export_preferences, rater_link, serve
+    from tasks.feedback.rating_source import RatingSource
+    from tasks.feedback.votes import VoteStore
+
+    config = load_config(args.config)
+    store = VoteStore.for_pipeline(config.name)
+    if args.add_rater:
+        try:
+            token = store.add_rater(args.add_rater)
+        except ValueError as exc:
+            raise CrucibleError(f"--add-rater: {exc}") from None
+        print(f"Link for {args.add_rater} (keep it private; adding the name again replaces it):\n{rater_link(token, args.host, args.port)}")
+    elif args.export:
+        written, skipped = export_preferences(store, Path(args.export))
+        print(f"{args.export}: {written} preference rows; {skipped} voted pairs skipped (no strict majority for one reply)")
+    else:
+        serve(RatingSource.from_config(config, args.config), store, args.host, args.port)
+    return 0
+
+
 def _copy_demo_checkpoint(dest: Path) -> None:
     """Copy the demo's pretrained model, when ``make demo`` has made it, to ``dest``: the open-weight
     stand-in that ``configs/finetune.yaml`` fine-tunes (a folder outside the store, as a download is)."""
@@ -169,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-data", help="write the demo corpus from text already on this machine")
     demo.add_argument("dir")
     demo.set_defaults(fn=cmd_demo_data)
+
+    rate = sub.add_parser("rate", help="a web page where people compare the evaluate stage's replies; votes give human Elo and preference data")
+    rate.add_argument("config")
+    rate.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    rate.add_argument("--port", type=int, default=8765)
+    action = rate.add_mutually_exclusive_group()
+    action.add_argument("--add-rater", metavar="NAME", help="print a new rating link for NAME instead of serving")
+    action.add_argument("--export", metavar="FILE.jsonl", help="write the votes as prompt/chosen/rejected rows instead of serving")
+    rate.set_defaults(fn=cmd_rate)
     return parser
 
 

@@ -113,7 +113,7 @@ def report_page(votes: list[Vote], older: int, report_card: str) -> str:
     """Human Elo (bootstrap 95% intervals) and win rates per model pair from ``votes`` (this run's
     pairs), a note on ``older`` votes about replies this run no longer has, and the evaluate
     stage's report card."""
-    parts = [f"<p>{len(votes)} votes by {len({v.rater for v in votes})} raters on this run's replies.</p>"]
+    parts = [f"<p>{len(votes)} votes by {len({v.rater for v in votes})} rater(s) on this run's replies.</p>"]
     if older:
         parts.append(f"<p>{older} older votes judged replies this run no longer has (an earlier evaluate); they count in exports, not here.</p>")
     if votes:
