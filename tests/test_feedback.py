@@ -165,15 +165,17 @@ def _config(world: dict[str, Path], tmp_path: Path, **feedback) -> dict:
 
 
 @pytest.mark.slow
-def test_feedback_labels_pairs_revises_replies_and_feeds_the_reward_stage(world, tmp_path, tmp_home, ray_session):
-    reward = {"init_from": str(world["model"]), "data": [{"stage": "feedback", "split": "preferences"}],
-              "steps": 4, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "eval_every": 4,
-              "eval_batches": 1, "checkpoint_every": 100, "max_length": 256}
-    cfg = validate_config({**_config(world, tmp_path), "reward": reward}, "test")
+def test_feedback_labels_pairs_revises_replies_and_feeds_reward_and_align(world, tmp_path, tmp_home, ray_session):
+    steps = {"init_from": str(world["model"]), "steps": 4, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+             "eval_every": 4, "eval_batches": 1, "checkpoint_every": 100, "max_length": 256}
+    reward = {**steps, "data": [{"stage": "feedback", "split": "preferences"}]}
+    align = {**steps, "method": "sft", "data": [{"stage": "feedback", "split": "revisions"}], "val_fraction": 0.25}
+    cfg = validate_config({**_config(world, tmp_path), "reward": reward, "align": align}, "test")
     planned = plan(cfg)
     assert planned["reward"].upstream == {"feedback": planned["feedback"].fingerprint}
+    assert planned["align"].upstream == {"feedback": planned["feedback"].fingerprint}
     outcomes = run_pipeline(cfg)
-    assert [(o.stage, o.state) for o in outcomes] == [("feedback", "ran"), ("reward", "ran")]
+    assert [(o.stage, o.state) for o in outcomes] == [("feedback", "ran"), ("reward", "ran"), ("align", "ran")]
     manifest = outcomes[0].manifest
     out = Path(manifest.path)
     counts = manifest.counts
@@ -202,15 +204,16 @@ def test_feedback_labels_pairs_revises_replies_and_feeds_the_reward_stage(world,
     assert pairs and all(is_refusal(p["chosen"]) and not is_refusal(p["rejected"]) for p in pairs)
     assert manifest.metrics["judge/agreement"] == 1.0  # known pairs on new requests, both orders
 
-    # the reward stage trained on exactly those pairs
-    assert outcomes[1].manifest.counts["train_examples"] + outcomes[1].manifest.counts["validation_examples"] == len(pairs)
+    # the reward stage trained on exactly those pairs, align (SL-CAI) on exactly those revisions
+    used = {o.stage: o.manifest.counts["train_examples"] + o.manifest.counts["validation_examples"] for o in outcomes[1:]}
+    assert used == {"reward": len(pairs), "align": len(revisions)}
+    assert "heldout/loss" in outcomes[2].manifest.metrics and "heldout/loss_sft" in outcomes[2].manifest.metrics
 
     # a new principle text changes the labels, so both stages are stale
     changed = world["root"] / "changed.yaml"
     changed.write_text(yaml.safe_dump({"principles": [{**HARMLESS, "comparison": "Which response is kinder?"}, HONEST]}))
-    again = plan(validate_config({**_config(world, tmp_path, constitution=str(changed)), "reward": reward}, "test"))
-    assert again["feedback"].fingerprint != planned["feedback"].fingerprint
-    assert again["reward"].fingerprint != planned["reward"].fingerprint
+    again = plan(validate_config({**_config(world, tmp_path, constitution=str(changed)), "reward": reward, "align": align}, "test"))
+    assert all(again[s].fingerprint != planned[s].fingerprint for s in ("feedback", "reward", "align"))
 
 
 def test_stage_outputs_are_read_only_by_later_stages_and_of_the_right_kind(world, tmp_path):

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 
 from tasks.errors import CrucibleError
 from tasks.feedback.votes import RatedPair
-from tasks.store import read_text
+from tasks.store import MANIFEST, StageDir, read_text
 
 if TYPE_CHECKING:
     from tasks.config import PipelineConfig
+    from tasks.engine import PlannedStage
+    from tasks.stage import Manifest
 
 REPORT_CARD = "report_card.md"
 
@@ -43,12 +45,15 @@ class RatingSource:
         if not suites:
             raise CrucibleError(f"{config_path}: evaluate.suites has no `kind: pairwise` suite, so there are no replies to rate")
         planned = plan(config)["evaluate"]
-        manifest = planned.manifest()
+        manifest = planned.manifest() or latest_of_the_same_models(planned)
         if manifest is None:
             raise CrucibleError(
                 f"{config_path}: the evaluate stage is not complete (fingerprint {planned.fingerprint}); "
                 f"run the pipeline first: crucible run {config_path}"
             )
+        if manifest.fingerprint != planned.fingerprint:
+            print(f"Rating the replies of evaluate {manifest.fingerprint}: the report card is out of date (new votes); "
+                  f"`crucible run {config_path}` brings it up to date with the same replies.")
         return cls(manifest.path, tuple(manifest.files), suites)
 
     def pairs(self) -> list[RatedPair]:
@@ -87,3 +92,26 @@ class RatingSource:
                 raise CrucibleError(f"{where}: no string field {', '.join(missing)}")
             rows[row["id"]] = row
         return rows
+
+
+def latest_of_the_same_models(planned: PlannedStage) -> Manifest | None:
+    """The newest complete evaluate output whose upstream models are the planned ones.
+
+    Votes are an input of ``evaluate`` (its report card shows them), so every vote makes the
+    planned output stale; the replies to rate are the same models' greedy replies all the same.
+    """
+    import pyarrow.fs as pafs
+
+    from tasks.stage import Manifest
+
+    out = planned.out
+    parent = out.root.rsplit("/", 1)[0]
+    found = []
+    for info in out.fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory:
+            continue
+        sibling = StageDir(fs=out.fs, root=info.path, uri=f"{out.uri.rsplit('/', 1)[0]}/{info.base_name}")
+        data = sibling.read_json(MANIFEST)
+        if data is not None and data.get("upstream") == planned.upstream:
+            found.append(Manifest.model_validate(data))
+    return max(found, key=lambda m: m.finished_at, default=None)

@@ -1,4 +1,4 @@
-"""``align``: preference tuning of the SFT model, ``method: dpo | grpo | ppo``.
+"""``align``: tuning the SFT model towards preferred behaviour, ``method: dpo | grpo | ppo | sft``.
 
 The policy starts from the ``sft`` stage's model or from ``init_from`` (any local Hugging Face
 causal LM); with ``lora`` only adapters train and the reference is the same model with its
@@ -8,6 +8,8 @@ adapters switched off. Only GRPO/PPO scored by a reward model need the ``reward`
 - ``grpo`` (``tasks/train/grpo.py``): prompts; groups of sampled replies per prompt scored by the
   reward model or a verifier (``reward: arithmetic`` checks the reply's answer), group-normalised
   advantages, a k3 KL term to the SFT reference.
+- ``sft``: chat rows, loss on the assistant's tokens, as in the ``sft`` stage: supervised
+  alignment on revised replies (SL-CAI, with ``data: [{stage: feedback, split: revisions}]``).
 - ``ppo`` (``tasks/train/ppo.py``): prompts; sampled replies scored by the reward model (or a
   verifier), a per-token KL penalty against the reference in the reward (fixed or adaptive
   coefficient), a value head, GAE, clipped policy and value losses, several epochs per rollout.
@@ -15,7 +17,7 @@ adapters switched off. Only GRPO/PPO scored by a reward model need the ``reward`
 Each runs on the shared training loop (Ray Train, DDP or DeepSpeed, checkpoints and resume); the
 reference and reward models are loaded, frozen, by every worker next to the policy. Before and
 after training the stage measures the held-out split with the SFT model and the aligned one:
-implicit-reward preference accuracy and margins for DPO; greedy-reply reward (and exact match
+implicit-reward preference accuracy and margins for DPO; assistant-token loss for SFT; greedy-reply reward (and exact match
 for verifiers) for GRPO and PPO. Output: ``model/`` (the policy as a plain causal LM, with the
 tokenizer), registered in MLflow under the alias ``aligned``.
 """
@@ -78,7 +80,9 @@ class AlignConfig(PostTrainConfig):
     """Preference tuning of the SFT model. ``data`` holds preference pairs for ``dpo`` and prompts
     (``prompt``[, ``answer``]) for ``grpo`` and ``ppo``; ``batch_size`` counts pairs or prompts."""
 
-    method: Literal["dpo", "grpo", "ppo"] = Field("dpo", description="dpo: preference pairs; grpo, ppo: sampling and rewards")
+    method: Literal["dpo", "grpo", "ppo", "sft"] = Field(
+        "dpo", description="dpo: preference pairs; grpo, ppo: sampling and rewards; sft: chat rows (e.g. CAI revisions)"
+    )
     alias: str = Field("aligned", description="MLflow alias moved to the new model version")
     max_prompt_length: int = Field(256, ge=1, description="grpo/ppo: longest prompt in tokens; longer ones go to quarantine")
     reward: str = Field("model", description="grpo/ppo: `model` (the reward stage's model) or a verifier: arithmetic")
@@ -98,8 +102,8 @@ class AlignConfig(PostTrainConfig):
         if others:
             raise ValueError(f"settings for {', '.join(others)} given, but method is {self.method}")
         sampling_only = sorted({"reward", "sampling", "stop_penalty", "max_prompt_length", "eval_tokens", "eval_samples"} & changed)
-        if self.method == "dpo" and sampling_only:
-            raise ValueError(f"{', '.join(sampling_only)} apply to grpo and ppo, not dpo")
+        if self.method in ("dpo", "sft") and sampling_only:
+            raise ValueError(f"{', '.join(sampling_only)} apply to grpo and ppo, not {self.method}")
         if self.reward != "model" and self.reward not in VERIFIERS:
             raise ValueError(f"unknown reward '{self.reward}' (model, {', '.join(VERIFIERS)})")
         return self
@@ -109,12 +113,13 @@ def run(ctx: StageContext) -> StageResult:
     # torch and transformers load here, not when the registry imports this module
     from tasks.train.align_objective import check_reward_model, method_objective, policy_with_value_head, training_sampling
     from tasks.train.dpo import preference_metrics
-    from tasks.train.post_data import PairExamples, PromptExamples, encode_pair, encode_prompt_row
+    from tasks.train.post_data import ChatExamples, PairExamples, PromptExamples, encode_conversation, encode_pair, encode_prompt_row
     from tasks.train.post_stage import (
         load_causal_lm, model_uri, on_worker, prepare_data, publish_model, stage_tokenizer, start_model,
         train_and_export, with_lora,
     )
     from tasks.train.rollout import Scorer, generation_metrics
+    from tasks.train.sft_objective import assistant_loss
 
     cfg: AlignConfig = ctx.config
     sft = start_model(ctx, "sft")
@@ -122,7 +127,11 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer, _ = stage_tokenizer(ctx, sft)
     fs, pad = ctx.out.fs, tokenizer.pad_token_id
     scorer = None
-    if cfg.method == "dpo":
+    if cfg.method == "sft":
+        data = prepare_data(ctx, "chat", lambda messages: encode_conversation(tokenizer, messages, cfg.max_length))
+        train = ChatExamples(fs, data.train_path, pad, packed=False)
+        val = ChatExamples(fs, data.validation_path, pad, packed=False) if data.validation_path else None
+    elif cfg.method == "dpo":
         data = prepare_data(ctx, "preference", lambda pair: encode_pair(tokenizer, pair, cfg.max_length))
         train = PairExamples(fs, data.train_path, pad)
         val = PairExamples(fs, data.validation_path, pad) if data.validation_path else None
@@ -135,6 +144,8 @@ def run(ctx: StageContext) -> StageResult:
         val = PromptExamples(fs, data.validation_path, pad) if data.validation_path else None
 
     def measure(policy: str) -> dict[str, float]:
+        if cfg.method == "sft":
+            return {"heldout/loss": on_worker(cfg, assistant_loss, policy, val, cfg.batch_size)}
         if cfg.method == "dpo":
             return on_worker(cfg, preference_metrics, policy, sft, val, cfg.dpo.beta, cfg.batch_size)
         return on_worker(
@@ -160,7 +171,7 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def _report(cfg: AlignConfig, counts: dict[str, int], metrics: dict[str, float], registered: str, version: str | None) -> str:
-    what = "pairs" if cfg.method == "dpo" else "prompts"
+    what = {"dpo": "pairs", "sft": "conversations"}.get(cfg.method, "prompts")
     lines = [f"**{cfg.method.upper()}** on {counts['train_examples']} {what} for {cfg.steps} steps; "
              f"**{counts['quarantined']}** quarantined (see `quarantine/`)."]
     held = sorted(k.removesuffix("_sft") for k in metrics if k.startswith("heldout/") and k.endswith("_sft"))
@@ -179,7 +190,7 @@ def align_inputs(cfg: AlignConfig, _pipeline: Any) -> str:
 def align_needs(cfg: AlignConfig) -> tuple[str, ...]:
     """The policy's start (``sft`` unless ``init_from``) and the reward model when one scores replies."""
     policy = () if cfg.init_from else ("sft",)
-    return policy + (("reward",) if cfg.method != "dpo" and cfg.reward == "model" else ()) + data_stages(cfg)
+    return policy + (("reward",) if cfg.method in ("grpo", "ppo") and cfg.reward == "model" else ()) + data_stages(cfg)
 
 
 STAGE = Stage(name="align", upstream=("sft", "feedback", "reward"), version="2", run=run, inputs=align_inputs, needs=align_needs)

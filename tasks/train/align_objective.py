@@ -2,7 +2,7 @@
 
 Kept apart from ``align.py`` (the stage's config and declaration), which the registry imports,
 so that loading torch and transformers waits until the stage runs. The objectives themselves
-are in ``dpo.py``, ``grpo.py`` and ``ppo.py``.
+are in ``dpo.py``, ``grpo.py``, ``ppo.py`` and ``sft_objective.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from tasks.train.objectives import Objective
 from tasks.train.post_stage import load_causal_lm, materialize
 from tasks.train.ppo import PPO
 from tasks.train.rollout import Sampling, Scorer
+from tasks.train.sft_objective import AssistantTokens
 
 
 def policy_with_value_head(path: str) -> PolicyWithValueHead:
@@ -41,6 +42,8 @@ def training_sampling(cfg: AlignConfig) -> Sampling:
 def method_objective(cfg: AlignConfig, sft: str | None, scorer: Scorer | None) -> Objective:
     """The objective of ``cfg.method``, with the SFT model at ``sft`` as its frozen reference
     (None: the policy's own base weights, under LoRA)."""
+    if cfg.method == "sft":
+        return AssistantTokens()
     if cfg.method == "dpo":
         return DPO(sft, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.nll_weight)
     sampling = training_sampling(cfg)
