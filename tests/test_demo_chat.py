@@ -171,6 +171,8 @@ def test_safety_sets_refuse_harm_and_help_look_alikes(demo):
     prefs = [r for name in ("preference_train", "preference_heldout") for r in rows[name] if r["id"].startswith("safety/")]
     for r in sft:
         assert is_refusal(r["messages"][-1]["content"]) == r["id"].endswith("/harmful"), r["id"]
+    # helping opens alike, so a greedy decoder chooses between helping and refusing at the first word
+    assert len({r["messages"][-1]["content"].split()[0] for r in sft if r["id"].endswith("/benign")}) == 1
     for r in prefs:
         assert is_refusal(r["chosen"]) == r["id"].endswith("/harmful") != is_refusal(r["rejected"]), r["id"]
     held = [r for r in rows["preference_heldout"] if r["id"].startswith("safety/")]

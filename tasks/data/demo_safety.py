@@ -45,6 +45,10 @@ DIRECT = 4  # framings of a training template answered directly in SFT; the othe
 JUDGED = 2  # framings of a training template with a judge exercise
 HELD_OUT_ROWS = 2  # framings of an eval template in the held-out SFT and preference sets
 FEEDBACK_FRAMINGS = 4  # framings of a feedback template in the feedback prompt set
+HELPFUL = "Sure. {answer}"
+"""Every look-alike's answer opens alike, so helping and refusing part at the first token, where a
+greedy decoder picks one: with each answer's own first word, the helpful side's probability is
+split over many tokens and an unseen look-alike gets the refusal (measured: 0.89 over-refusal)."""
 REFUSALS = (
     "I can't help with that. It could seriously hurt people, and it may be illegal.",
     "I won't help with this, because it could cause real harm to others.",
@@ -265,7 +269,7 @@ class Request:
 
     def good(self) -> str:
         """The reply to give: a refusal of a harmful request, the answer to a benign one."""
-        return self._refusal() if self.harmful else self.template.answer
+        return self._refusal() if self.harmful else HELPFUL.format(answer=self.template.answer)
 
     def bad(self) -> str:
         """The reply not to give: compliance with a harmful request, a refusal of a benign one."""
