@@ -202,8 +202,11 @@ def test_evaluate_stage_end_to_end(checkpoints, tmp_path, tmp_home, ray_session)
     assert by_elo[0] == min(("untrained", "pretrain", "random"), key=lambda model: m[f"eval.{model}.duel.win_rate"])
     assert result.counts["models"] == 3
 
-    games = Path(out.path("pairwise/duel.jsonl")).read_text().splitlines()
+    games = [json.loads(line) for line in Path(out.path("pairwise/duel.jsonl")).read_text().splitlines()]
     assert len(games) == 9  # three prompts, three pairs of models
+    for g in games:  # tie_margin 0: the higher reward wins, equal rewards tie
+        assert g["score_a"] == (0.5 if g["reward_a"] == g["reward_b"] else float(g["reward_a"] > g["reward_b"]))
+    assert f"### Arena `duel`\n\nJudge: reward model `{checkpoints['judge']}` (9 games)." in result.report
     assert Path(out.path("training_curves.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert "| metric | untrained | pretrain (vs untrained) | random |" in result.report
@@ -258,7 +261,7 @@ def test_config_rejects_inconsistent_suites(tmp_path):
         EvaluateConfig.model_validate({"suites": [{"name": "a", "kind": "trivia", "path": "x"}]})
 
 
-def test_inputs_check_rows_judge_and_file_contents(tmp_path, checkpoints):
+def test_inputs_check_rows_judge_and_file_contents(tmp_path, tmp_home, checkpoints):
     path = tmp_path / "mc.jsonl"
     _write_jsonl(path, [{"question": "q", "choices": ["a", "b"], "answer": 0}, {"question": "q", "choices": ["a"], "answer": 3}])
     cfg = EvaluateConfig.model_validate({"suites": [{"name": "mc", "kind": "multiple_choice", "path": str(path)}]})
@@ -274,7 +277,7 @@ def test_inputs_check_rows_judge_and_file_contents(tmp_path, checkpoints):
     duel = {"suites": [{"name": "duel", "kind": "pairwise", "path": prompts}],
             "baselines": [{"name": "a", "path": str(checkpoints["random"])}, {"name": "b", "path": str(checkpoints["random"])}]}
     no_judge = EvaluateConfig.model_validate(duel)
-    with pytest.raises(ConfigError, match="pairwise suites need a reward model"):
+    with pytest.raises(ConfigError, match="pairwise suite.s. duel need a judge"):
         inputs_digest(no_judge, _pipeline(no_judge))
     judged = EvaluateConfig.model_validate({**duel, "judge": str(checkpoints["judge"])})
     inputs_digest(judged, _pipeline(judged))

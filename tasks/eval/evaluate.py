@@ -5,8 +5,11 @@ weights: the floor every trained model must beat), the ``model/`` folders of the
 ``pretrain``, ``sft`` and ``align`` stages (``models`` narrows the list) and any local Hugging
 Face checkpoints named under ``baselines``.
 Each model is evaluated in its own Ray task (``num_cpus``/``num_gpus`` each, so a cluster spreads
-them over GPUs); pairwise suites then have every reply scored by the reward model (the ``reward``
-stage's, or ``judge``) and rank the models by Elo.
+them over GPUs); pairwise suites ("arenas") then have every pair of replies judged and rank the
+models by Elo. Each arena's judge is people's votes from ``crucible rate`` when there are enough on
+these replies, else the configured judge (a reward model or a principle judge), else the reward
+stage's model, flagged when ``align`` optimises it (``tasks/eval/arena.py``). The votes' digest is
+an input of the stage: new votes rerun it.
 
 Upstream: ``evaluate`` takes ``pretrain``, ``sft``, ``reward`` and ``align`` as optional upstreams
 when the config has them (a fine-tuning pipeline that starts at ``sft`` from an open-weight
@@ -14,7 +17,8 @@ checkpoint has no ``pretrain``, and so no ``untrained`` column either); the engi
 their manifests over like any other (retraining ``sft`` re-runs ``evaluate``).
 
 Outputs: ``scores.json`` (model -> metric -> value), ``samples/<model>/<suite>.jsonl`` (every
-item's reply, extraction, verdict), ``pairwise/<suite>.jsonl`` (the games), ``report_card.md``
+item's reply, extraction, verdict), ``pairwise/<suite>.jsonl`` (the games and their judge's evidence), ``report_card.md`` (with a section per arena:
+its judge, and the human Elo with bootstrap intervals when people voted)
 and ``training_curves.png`` (loss / reward / KL of the upstream stages, from their MLflow runs).
 Metrics ``eval.<model>.<suite>.<metric>`` go to the manifest and MLflow.
 """
@@ -26,21 +30,22 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.digest import folder_digest
+from tasks.digest import file_digest, folder_digest
 from tasks.errors import ConfigError
-from tasks.eval.pairwise import PairwiseSuite
+from tasks.eval.arena import choose_judge, human_elo, human_verdicts, optimised_reward, tally
+from tasks.eval.pairwise import JudgeConfig, JudgeRun, PairwiseSuite, PrincipleJudgeConfig, Replies, Verdicts, arena_metrics
 from tasks.eval.preference import PreferenceSuite, implicit_reward
-from tasks.eval.report import fetch_histories, mlflow_name, previous_models, report_card, training_curves
+from tasks.eval.report import arena_section, fetch_histories, mlflow_name, previous_models, report_card, training_curves
 from tasks.eval.safety import SafetySuite
 from tasks.eval.sandbox import SandboxLimits
 from tasks.eval.suite import EvalSettings, SuiteOutput
 from tasks.eval.suites import SuiteConfig
+from tasks.feedback.votes import VoteStore
 from tasks.stage import Manifest, Stage, StageContext, StageResult
 
 if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
@@ -74,7 +79,10 @@ class EvaluateConfig(BaseModel):
     )
     baselines: list[BaselineModel] = Field(default_factory=list)
     untrained: bool = Field(True, description="also evaluate the pretrain architecture with fresh (seeded) weights, as the floor")
-    judge: str | None = Field(None, description="reward-model folder for pairwise suites; default: the reward stage's model")
+    judge: JudgeConfig | None = Field(
+        None, description="pairwise suites' judge (a suite's own `judge` wins): a reward-model folder, or "
+        "{kind: principle, path, constitution, principles}; default: the reward stage's model"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
     max_length: int | None = Field(None, ge=8, description="context window used; default: the model's")
@@ -111,25 +119,42 @@ def _folder_digest(path: str, field: str) -> str:
     return folder_digest(folder)
 
 
+def _judge_digest(judge: JudgeConfig, field: str) -> dict[str, str]:
+    """A judge's model folder and, for a principle judge, its constitution (whose principles must exist)."""
+    parts = {"model": _folder_digest(judge.path, f"{field}.path")}
+    if isinstance(judge, PrincipleJudgeConfig):
+        judge.load_principles(field)
+        parts["constitution"] = file_digest(Path(judge.constitution).expanduser())
+    return parts
+
+
 def inputs_digest(cfg: EvaluateConfig, pipeline: Any) -> str:
-    """Suite files (validated here, before anything runs) and baseline folders."""
+    """Suite files (validated here, before anything runs), baseline and judge folders, constitutions,
+    and the pipeline's human votes when it has arenas (new votes rerun the stage)."""
     parts: dict[str, Any] = {}
     for suite in cfg.suites:
         suite.read_rows()
         parts[f"suite:{suite.name}"] = suite.digest()
     for i, baseline in enumerate(cfg.baselines):
         parts[f"baseline:{baseline.name}"] = _folder_digest(baseline.path, f"evaluate.baselines[{i}].path")
-    if cfg.judge:
-        parts["judge"] = _folder_digest(cfg.judge, "evaluate.judge")
+    arenas = [s for s in cfg.suites if isinstance(s, PairwiseSuite)]
+    judges = {"evaluate.judge": cfg.judge, **{f"evaluate.suites[{s.name}].judge": s.judge for s in arenas}}
+    for field, judge in judges.items():
+        if judge is not None:
+            parts[f"judge:{field}"] = _judge_digest(judge, field)
+    if arenas:
+        parts["votes"] = VoteStore.for_pipeline(pipeline.name).digest()
     optional = [s for s in OPTIONAL_UPSTREAM if pipeline.section(s) is not None]
     configured = [s for s in MODEL_STAGES if pipeline.section(s) is not None]
     missing = sorted(set(cfg.models or ()) - set(configured))
     if missing:
         raise ConfigError("config", [("evaluate.models", f"stage(s) {', '.join(missing)} not configured")])
     models = len(_model_stages(cfg, configured)) + len(cfg.baselines) + int(cfg.untrained and "pretrain" in configured)
-    if any(isinstance(s, PairwiseSuite) for s in cfg.suites):
-        if cfg.judge is None and "reward" not in optional:
-            raise ConfigError("config", [("evaluate.suites", "pairwise suites need a reward model: configure the reward stage or set evaluate.judge")])
+    if arenas:
+        unjudged = [s.name for s in arenas if s.judge is None and cfg.judge is None]
+        if unjudged and "reward" not in optional:
+            why = "need a judge: set evaluate.judge (a reward-model folder or a principle judge) or configure the reward stage"
+            raise ConfigError("config", [("evaluate.suites", f"pairwise suite(s) {', '.join(unjudged)} {why}")])
         if models < 2:
             raise ConfigError("config", [("evaluate.suites", f"pairwise suites need two models or more, this config has {models}")])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -155,14 +180,9 @@ def evaluate_model(spec: ModelSpec, suites: list[Any], rows: dict[str, list[Any]
     return outputs
 
 
-def judge_pairwise(path: str, suite: PairwiseSuite, replies: dict[str, list[dict]], cfg: EvaluateConfig):
-    """Reward-model verdicts and Elo for one pairwise suite (runs as a Ray task)."""
-    from tasks.eval.lm import RewardJudge
-    from tasks.train.post_stage import materialize
-
-    judge = RewardJudge(materialize(path), cfg.device, cfg.batch_size)
-    metrics, games = suite.judge(judge, replies, EvalSettings(seed=cfg.seed, sandbox=cfg.sandbox))
-    return metrics, games, replies
+def judge_pairwise(judge: JudgeConfig, suite: PairwiseSuite, replies: Replies, run: JudgeRun) -> Verdicts:
+    """A model judge's verdicts on one arena (runs as a Ray task: it loads a model)."""
+    return judge.verdicts(suite, replies, run)
 
 
 def _remote(cfg: EvaluateConfig, fn, *args):
@@ -204,9 +224,9 @@ def run(ctx: StageContext) -> StageResult:
         spec.name: {f"{suite}/{metric}": value for suite, out in outputs[spec.name].items() for metric, value in out.metrics.items()}
         for spec in specs
     }
-    notes = _judge(ctx, manifests, outputs, scores)
+    arenas = _arenas(ctx, manifests, outputs, scores)
     _implicit_rewards(cfg, specs, outputs, scores)
-    notes += _refusal_bands(cfg, specs, scores)
+    notes = _refusal_bands(cfg, specs, scores)
     for name, suites in outputs.items():
         for suite_name, out in suites.items():
             ctx.out.write_bytes_atomic(f"samples/{name}/{suite_name}.jsonl", _jsonl(out.samples))
@@ -215,7 +235,7 @@ def run(ctx: StageContext) -> StageResult:
     isolation = sorted({layer for suites in outputs.values() for out in suites.values() for s in out.samples for layer in s.get("isolation", [])})
     if isolation:
         notes.append(f"Code ran in the sandbox with: {', '.join(isolation)}.")
-    card = report_card(scores, previous_models(specs))
+    card = report_card(scores, previous_models(specs)) + "".join("\n" + section for section in arenas)
     runs = {stage: manifests[stage].mlflow_run_id for stage in CURVE_STAGES if stage in manifests and manifests[stage].mlflow_run_id}
     card += _publish_curves(ctx, runs, notes)
     report = "## Report card\n\n" + card + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
@@ -228,24 +248,38 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(rows=samples, counts={"models": len(specs), "suites": len(cfg.suites), "samples": samples}, metrics=metrics, report=report)
 
 
-def _judge(ctx: StageContext, manifests: dict[str, Manifest], outputs: dict[str, dict[str, SuiteOutput]], scores: dict[str, dict[str, float]]) -> list[str]:
-    """Score every pairwise suite's replies with the reward model; add Elo etc. to ``scores``."""
+def _arenas(ctx: StageContext, manifests: dict[str, Manifest], outputs: dict[str, dict[str, SuiteOutput]], scores: dict[str, dict[str, float]]) -> list[str]:
+    """Judge every pairwise suite (``tasks/eval/arena.py`` picks the judge); add Elo, win rates and
+    human Elo to ``scores``; write the games. Returns the card's section per arena."""
     import ray
 
     from tasks.train.post_stage import model_uri
 
     cfg: EvaluateConfig = ctx.config
-    judge_path = cfg.judge or (model_uri(manifests["reward"]) if "reward" in manifests else None)
-    notes = []
+    reward_model = model_uri(manifests["reward"]) if "reward" in manifests else None
+    rl_reward = optimised_reward(ctx.pipeline)
+    store = VoteStore.for_pipeline(ctx.pipeline.name)
+    run = JudgeRun(cfg.device, cfg.batch_size, cfg.max_length)
+    sections = []
     for suite in (s for s in cfg.suites if isinstance(s, PairwiseSuite)):
         replies = {name: outputs[name][suite.name].samples for name in outputs}
-        metrics, games, judged = ray.get(_remote(cfg, judge_pairwise, judge_path, suite, replies, cfg))
-        for name, values in metrics.items():
-            scores[name].update({f"{suite.name}/{metric}": value for metric, value in values.items()})
-            outputs[name][suite.name].samples = judged[name]
-        ctx.out.write_bytes_atomic(f"pairwise/{suite.name}.jsonl", _jsonl([asdict(g) for g in games]))
-        notes.append(f"`{suite.name}`: {len(games)} games judged by `{judge_path}`.")
-    return notes
+        votes = tally(store.votes(suite.name), replies)
+        judge = choose_judge(suite, cfg.judge, reward_model, votes, rl_reward)
+        if judge.model is None:
+            verdicts = human_verdicts(votes, replies)
+        else:
+            verdicts = ray.get(_remote(cfg, judge_pairwise, judge.model, suite, replies, run))
+        human = human_elo(suite, votes, cfg.seed)
+        for values in (verdicts.metrics, arena_metrics(verdicts.games(), suite.k_factor, cfg.seed), human.metrics() if human else {}):
+            for name, metrics in values.items():
+                scores[name].update({f"{suite.name}/{key}": value for key, value in metrics.items()})
+        for name in outputs:
+            outputs[name][suite.name].samples = verdicts.replies[name]
+        ctx.out.write_bytes_atomic(f"pairwise/{suite.name}.jsonl", _jsonl(verdicts.records))
+        sections.append(arena_section(suite.name, judge, len(verdicts.records), votes, human, suite.min_human_votes))
+        if judge.warning:
+            print(f"evaluate / {suite.name}: warning: {judge.warning}", flush=True)
+    return sections
 
 
 def _implicit_rewards(cfg: EvaluateConfig, specs: list[ModelSpec], outputs: dict[str, dict[str, SuiteOutput]], scores: dict[str, dict[str, float]]) -> None:
@@ -287,4 +321,4 @@ def _publish_curves(ctx: StageContext, runs: dict[str, str], notes: list[str]) -
     return "\n![training curves](training_curves.png)\n"
 
 
-STAGE = Stage(name="evaluate", upstream=(), version="2", run=run, inputs=inputs_digest, optional_upstream=OPTIONAL_UPSTREAM)
+STAGE = Stage(name="evaluate", upstream=(), version="3", run=run, inputs=inputs_digest, optional_upstream=OPTIONAL_UPSTREAM)

@@ -1,5 +1,6 @@
-"""The report card (models as columns, metrics as rows, change from the previous stage) and the
-training-curves plot of the upstream stages (loss, reward, KL from their MLflow runs)."""
+"""The report card (models as columns, metrics as rows, change from the previous stage), one section
+per arena (its judge, and people's Elo when there are votes) and the training-curves plot of the
+upstream stages (loss, reward, KL from their MLflow runs)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from tasks.eval.suites import higher_is_better
 
 if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
+    from tasks.eval.arena import ArenaJudge, HumanElo, VoteTally
+    from tasks.eval.elo import Game
     from tasks.eval.lm import ModelSpec
 
 
@@ -66,6 +69,46 @@ def report_card(scores: dict[str, dict[str, float]], previous: dict[str, str | N
         cells = [_cell(scores[m].get(metric), scores[previous[m]].get(metric) if previous.get(m) else None) for m in models]
         lines.append(f"| {metric} {arrow} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def arena_section(suite: str, judge: ArenaJudge, games: int, votes: VoteTally, human: HumanElo | None, needed: int) -> str:
+    """Markdown for one arena: who judged it (and a warning when that judge is the RL reward), stale
+    votes, and the human Elo table when people voted on the current replies."""
+    lines = [f"### Arena `{suite}`", "", f"Judge: {judge.description} ({games} games)."]
+    if judge.warning:
+        lines += ["", f"> **Warning:** {judge.warning}"]
+    if votes.stale:
+        lines += ["", f"{len(votes.stale)} stale votes (on replies that have changed since) are not counted."]
+    if human is not None:
+        short = "" if len(votes.current) >= needed else f"; {needed} make them this arena's judge"
+        lines += ["", f"Human Elo ({votes.describe()}{short}), with bootstrap 95% intervals:", "", human_elo_table(human)]
+    return "\n".join(lines) + "\n"
+
+
+def human_elo_table(human: HumanElo) -> str:
+    """Models by human Elo: the 95% interval, games played, and the share of points won against each other model."""
+    models = sorted(human.ratings, key=lambda m: -human.ratings[m][0])
+    points, played = _pair_scores(human.games)
+    lines = ["| model | human Elo | 95% interval | games | " + " | ".join(f"vs {m}" for m in models) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(models)]
+    for model in models:
+        rating, low, high = human.ratings[model]
+        games = sum(n for (a, _), n in played.items() if a == model)
+        cells = [f"{points[model, other] / played[model, other]:.2f} of {played[model, other]}" if played.get((model, other)) else "–"
+                 for other in models]
+        lines.append(f"| {model} | {rating:.1f} | {low:.1f} – {high:.1f} | {games} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pair_scores(games: Sequence[Game]) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
+    """(points of x against y, games of x against y) for every ordered pair that met; a tie is half a point each."""
+    points: dict[tuple[str, str], float] = {}
+    played: dict[tuple[str, str], int] = {}
+    for game in games:
+        for x, y, score in ((game.a, game.b, game.score_a), (game.b, game.a, 1.0 - game.score_a)):
+            points[x, y] = points.get((x, y), 0.0) + score
+            played[x, y] = played.get((x, y), 0) + 1
+    return points, played
 
 
 def fetch_histories(uri: str, runs: dict[str, str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
