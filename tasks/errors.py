@@ -19,3 +19,10 @@ class ConfigError(CrucibleError):
 
 class StageError(CrucibleError):
     """A stage cannot run (missing upstream output, unknown stage …)."""
+
+
+def require_unique(names: list[str], what: str) -> None:
+    """``ValueError`` (which pydantic reports with the field) naming every repeated name."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{what} names must be unique; repeated: {', '.join(repeated)}")

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, require_unique
 from tasks.stage import Stage, StageContext, StageResult
 
 DOCUMENT_SCHEMA = pa.schema(
@@ -89,10 +89,7 @@ class IngestConfig(BaseModel):
     @field_validator("sources")
     @classmethod
     def _unique_names(cls, sources: list[Source]) -> list[Source]:
-        names = [s.name for s in sources]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"source names must be unique; repeated: {', '.join(repeated)}")
+        require_unique([s.name for s in sources], "source")
         return sources
 
 

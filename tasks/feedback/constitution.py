@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, require_unique
 
 
 class Principle(BaseModel):
@@ -42,10 +42,7 @@ class Constitution(BaseModel):
     @field_validator("principles")
     @classmethod
     def _unique(cls, principles: list[Principle]) -> list[Principle]:
-        names = [p.name for p in principles]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"principle names must be unique; repeated: {', '.join(repeated)}")
+        require_unique([p.name for p in principles], "principle")
         return principles
 
     def by_name(self, name: str) -> Principle:
