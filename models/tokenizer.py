@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -140,6 +140,7 @@ def encode_chat(
     open-weight templates have none: there the assistant's spans are found by rendering the
     conversation up to each assistant turn (with the generation prompt) and through it; what
     the turn adds, trailing whitespace aside, is the reply and its end-of-turn marker.
+    An assistant turn with ``"weight": 0`` is left out of the mask.
     """
     if has_assistant_markers(tokenizer.chat_template):
         encoded = tokenizer.apply_chat_template(
@@ -149,8 +150,32 @@ def encode_chat(
             return_assistant_tokens_mask=True,
             add_generation_prompt=add_generation_prompt,
         )
-        return list(encoded["input_ids"]), list(encoded["assistant_masks"])
-    return _encode_by_rendering(tokenizer, list(messages), add_generation_prompt)
+        ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    else:
+        ids, mask = _encode_by_rendering(tokenizer, list(messages), add_generation_prompt)
+    return ids, _without_weightless_turns(messages, mask)
+
+
+def _without_weightless_turns(messages: Sequence[dict[str, Any]], mask: list[int]) -> list[int]:
+    """The mask with the spans of assistant turns marked ``"weight": 0`` cleared: context the
+    model reads but is not taught to write (e.g. the flawed reply a critique exercise quotes).
+
+    Each assistant turn is one run of 1s, in order (turns alternate, so runs never touch).
+    """
+    weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+    if all(weights):
+        return mask
+    runs = [i for i, bit in enumerate(mask) if bit and (i == 0 or not mask[i - 1])]
+    if len(runs) != len(weights):
+        raise ValueError(f"{len(runs)} assistant spans for {len(weights)} assistant turns: cannot leave out a turn's tokens")
+    out = list(mask)
+    for start, weight in zip(runs, weights):
+        end = start
+        while end < len(out) and mask[end]:
+            if not weight:
+                out[end] = 0
+            end += 1
+    return out
 
 
 def _render(tokenizer: PreTrainedTokenizerFast, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:

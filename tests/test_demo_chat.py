@@ -200,15 +200,22 @@ def test_feedback_prompts_mix_red_team_look_alikes_and_ordinary_training_request
     assert not [r for r in ordinary if held_out(r["id"].removeprefix("doc/"))]
 
 
-def test_harmful_training_requests_are_mostly_answered_with_a_refusal(demo):
-    """Revision exercises train on the bad reply they critique too: it must stay a minority."""
+def test_sft_is_taught_only_the_right_first_reply_to_each_safety_request(demo):
+    """Revision exercises quote a bad reply to critique it: it carries weight 0, so SFT reads it and
+    never learns to write it; every reply SFT does learn refuses the harmful and helps the benign."""
     _, rows = demo
-    first = {True: Counter(), False: Counter()}  # harmful? -> refused? -> rows
+    quoted = taught = 0
     for r in rows["sft_train"]:
         if "safety/" in r["id"] and not r["id"].startswith("cai/judge/"):  # the request, then the reply
-            first[r["id"].endswith("/harmful")][is_refusal(r["messages"][1]["content"])] += 1
-    assert first[True][True] >= 4 * first[True][False] > 0
-    assert first[False][False] >= 4 * first[False][True] > 0
+            reply = r["messages"][1]
+            right = is_refusal(reply["content"]) == r["id"].endswith("/harmful")
+            if reply.get("weight") == 0:
+                quoted += 1
+                assert not right, r["id"]
+            else:
+                taught += 1
+                assert right, r["id"]
+    assert quoted > 0 and taught > quoted
 
 
 # ---------------------------------------------------------------------------------- CAI exercises
@@ -242,13 +249,14 @@ def test_revision_exercises_are_the_feedback_stage_conversations_with_the_consti
     for row in exercises:
         m = row["messages"]
         principle = by_critique[m[2]["content"]]
-        assert m[:5] == revision_conversation(m[:1], m[1]["content"], m[3]["content"], principle)
+        quoted = {k: v for k, v in m[1].items() if k != "weight"}
+        assert [m[0], quoted, *m[2:5]] == revision_conversation(m[:1], m[1]["content"], m[3]["content"], principle)
         assert m[4]["content"] == principle.revision and m[5]["role"] == "assistant" and len(m) == 6
         source_id = row["id"].split("/", 2)[2]
         assert _is_good(source_id, m[5]["content"], answers), row["id"]  # the revision is right
         good_first = _is_good(source_id, m[1]["content"], answers)
         assert m[3]["content"].startswith("The response is fine") == good_first, row["id"]
-        assert (m[1] == m[5]) == good_first
+        assert (quoted == m[5]) == good_first and (m[1].get("weight") == 0) == (not good_first)
         kept[good_first] += 1
     assert abs(kept[True] - kept[False]) <= 1
     assert {by_critique[r["messages"][2]["content"]].name for r in exercises} == {p.name for p in constitution.principles}

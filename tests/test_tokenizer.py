@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 import random
 
@@ -88,6 +90,24 @@ def test_chat_template_renders_and_masks_only_the_assistant(trained):
     assert trained.decode([i for i, m in zip(ids, mask) if not m]).count(ASSISTANT) == 2
     with pytest.raises(Exception, match="unknown chat role"):
         trained.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_an_assistant_turn_of_weight_0_is_read_but_not_taught(trained):
+    """The mask leaves out a ``"weight": 0`` turn, with the template's markers and without them."""
+    messages = [
+        {"role": "user", "content": "the model reads"},
+        {"role": "assistant", "content": " a flawed reply", "weight": 0},
+        {"role": "user", "content": "fix it"},
+        {"role": "assistant", "content": "it learns 🎉"},
+    ]
+    unmarked = copy.deepcopy(trained)
+    unmarked.chat_template = trained.chat_template.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    for tokenizer in (trained, unmarked):
+        ids, mask = encode_chat(tokenizer, messages)
+        assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == f"it learns 🎉{END}"
+        assert " a flawed reply" in tokenizer.decode(ids)
+        full_ids, full_mask = encode_chat(tokenizer, [{k: v for k, v in m.items() if k != "weight"} for m in messages])
+        assert full_ids == ids and sum(full_mask) > sum(mask)
 
 
 def _foreign(tmp_path, chat_template: str | None = None):

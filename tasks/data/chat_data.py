@@ -5,7 +5,8 @@ line). Three shapes, the conventions TRL and OpenRLHF use:
 
 - **chat** (``sft``): ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, …]}``.
   An optional system message first, then user and assistant turns alternating, ending with an
-  assistant turn (multi-turn is fine; every assistant turn is a training target).
+  assistant turn (multi-turn is fine; every assistant turn is a training target, unless it has
+  ``"weight": 0``, OpenAI's convention: read as context, never taught).
 - **preference** (``reward``, ``align: dpo``): ``{"prompt": …, "chosen": …, "rejected": …}``.
   ``prompt`` is a string (one user turn) or a message list ending with a user turn; ``chosen``
   and ``rejected`` are strings or one-message lists with the assistant's reply. They must differ.
@@ -116,7 +117,10 @@ def _messages(value: Any, name: str) -> list[Message]:
             raise BadRow(f"{where}.content must be a string, got {type(content).__name__}")
         if not content.strip():
             raise BadRow(f"{where}.content is empty")
-        out.append({"role": role, "content": content})
+        weight = message.get("weight", 1)
+        if weight not in (0, 1) or isinstance(weight, float) or (weight == 0 and role != "assistant"):
+            raise BadRow(f"{where}.weight must be 0 or 1, and only on an assistant message, got {weight!r}")
+        out.append({"role": role, "content": content, **({"weight": 0} if weight == 0 else {})})
     return out
 
 
@@ -139,7 +143,10 @@ def parse_chat(record: dict[str, Any]) -> list[Message]:
     """A chat row's conversation: at least one user turn answered by the assistant."""
     if "messages" not in record:
         raise BadRow("missing field 'messages'")
-    return _check_turns(_messages(record["messages"], "messages"), "messages", last="assistant")
+    messages = _check_turns(_messages(record["messages"], "messages"), "messages", last="assistant")
+    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+        raise BadRow("every assistant turn has weight 0: nothing to learn")
+    return messages
 
 
 def _prompt(record: dict[str, Any]) -> list[Message]:

@@ -13,8 +13,8 @@ exactly those functions and the principles of ``configs/constitution.yaml``:
   ``(A)`` or ``(B)``; the good reply is first in exactly half of them, so no position is taught.
 
 Each exercise draws its principle at random, as the stage does; a critique names the reply's real
-problem whichever principle asked. The SFT loss covers every assistant turn, the bad reply of a
-revision exercise included: callers keep bad replies a minority of the replies their prompts get.
+problem whichever principle asked. The bad reply of a revision exercise carries ``"weight": 0``: the
+model reads it as the thing to critique and is never taught to write it.
 An exercise longer than ``MAX_CHARS`` is dropped, never cut (the demo's context is 256 tokens).
 """
 
@@ -65,7 +65,10 @@ def revision_exercise(case: Case, bad: bool, principle: Principle) -> list[Messa
     """The bad (or good) reply critiqued and revised into the good one."""
     reply, critique = (case.bad, case.flaw) if bad else (case.good, case.fine)
     prompt = [{"role": "user", "content": case.prompt}]
-    return [*revision_conversation(prompt, reply, critique, principle), {"role": "assistant", "content": case.good}]
+    messages = [*revision_conversation(prompt, reply, critique, principle), {"role": "assistant", "content": case.good}]
+    if bad:  # the flawed reply is context to critique, never a target: weight 0 keeps it out of the loss
+        messages[len(prompt)] = {**messages[len(prompt)], "weight": 0}
+    return messages
 
 
 def judge_exercise(case: Case, good_first: bool, principle: Principle) -> list[Message]:
