@@ -7,7 +7,7 @@
 | ``exact_match`` | ``prompt``, ``answer`` | ``exact_match``, ``exact_match_sampled``, ``maj@n`` |
 | ``code`` | HumanEval's ``task_id``, ``prompt``, ``test``, ``entry_point`` | ``pass@k``, ``sandbox.<status>`` |
 | ``safety`` | ``prompt``, ``harmful`` | ``refusal_rate``, ``over_refusal_rate`` |
-| ``pairwise`` | ``prompt`` | ``elo``, ``win_rate``, ``reward`` |
+| ``pairwise`` | ``prompt`` | ``elo``, ``win_rate``, ``reward`` (reward-model judge), ``human_elo[_low,_high]`` (votes) |
 | ``preference`` | ``prompt``, ``chosen``, ``rejected`` | ``accuracy``, ``logp_margin``, ``reward_accuracy``, ``reward_margin`` |
 """
 
