@@ -270,6 +270,9 @@ def _report(cfg: FeedbackConfig, policy: str, judge: str, counts: dict[str, int]
         dropped = counts["low_confidence"] + counts["identical_replies"] + counts["empty_replies"]
         lines.append(f"\n**{counts['pairs']}** AI-labelled pairs kept, {dropped} dropped: {counts['low_confidence']} under "
                      f"confidence {cfg.min_confidence}, {counts['identical_replies']} identical, {counts['empty_replies']} empty.")
+        if not counts["pairs"]:
+            lines.append(f"\n**No pair kept**: the judge was never {cfg.min_confidence:.0%} sure; a stage reading "
+                         "`preferences` has nothing to learn from. Lower `min_confidence` or set a stronger `judge`.")
     if "judge/agreement" in metrics:
         lines.append(f"\nJudge agreement with {known} known preferences (both orders): **{metrics['judge/agreement']:.3f}**.")
     if revisions:
