@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
+from tokenizers import Tokenizer
 
 import flows  # noqa: F401
 from deployments.serve import load_deployments
@@ -40,7 +42,15 @@ def test_pipeline_flow_runs_the_whole_chain_then_skips(tiny, ray_session, capsys
     assert out["ingest"].rows == 52
     assert 0 < out["filter"].rows < out["ingest"].rows
     assert out["dedup"].rows < out["filter"].rows  # the templated travel notes are near-duplicates
-    assert out["tokenize"].tokens > 0
+    # tokenize packs every document pii kept, each followed by EOS, into rows of 64 tokens; each
+    # split drops only the tail that does not fill a row
+    tokenizer = Tokenizer.from_file(f"{out['tokenizer'].path}/tokenizer/tokenizer.json")
+    texts = pq.read_table(out["pii"].file_paths("documents"), columns=["text"])["text"].to_pylist()
+    stream = sum(len(e.ids) + 1 for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+    counts = out["tokenize"].counts
+    assert counts["documents.train"] + counts["documents.val"] == out["pii"].rows == len(texts)
+    dropped = [counts["dropped_tokens.train"], counts["dropped_tokens.val"]]
+    assert out["tokenize"].tokens == stream - sum(dropped) and max(dropped) < 64 and out["tokenize"].tokens % 64 == 0
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from functools import partial
 
 import numpy as np
@@ -161,11 +162,14 @@ def history(setup, run_id: str, key: str) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def ddp(setup, ray_session):
-    return train(setup, "ddp", "ddp")
+    """(outcome, run id, wall seconds of the whole run)."""
+    started = time.monotonic()
+    outcome, run_id = train(setup, "ddp", "ddp")
+    return outcome, run_id, time.monotonic() - started
 
 
 def test_ddp_learns_and_logs_every_metric(setup, ddp):
-    outcome, run_id = ddp
+    outcome, run_id, wall_s = ddp
     losses = [v for _, v in sorted(history(setup, run_id, "train/loss"))]
     assert len(losses) == 16
     assert losses[0] > math.log(VOCAB) - 0.3  # starts near chance …
@@ -178,8 +182,25 @@ def test_ddp_learns_and_logs_every_metric(setup, ddp):
     assert [lrs[s] for s in (1, 2, 3)] == pytest.approx([1e-3, 2e-3, 3e-3])
     assert lrs[16] == pytest.approx(3e-3 * warmup_cosine(15, warmup=3, total=16, min_ratio=0.1))
     assert outcome.metrics["train/tokens_seen"] == 16 * 2 * 8 * SEQ_LEN
-    for key in ("train/tokens_per_s", "train/mfu", "train/grad_norm", "train/cost_usd", "train/mean_tokens_per_s"):
-        assert outcome.metrics[key] > 0, key
+    # Throughput, MFU and cost follow from the step times: a step's tokens/s is its tokens over its
+    # time, the run's mean is over training time alone, MFU is model FLOP/s over the peak of 2
+    # devices, and the cost is the attempt's wall time (training and the rest) at $2 a device-hour.
+    step_tokens = 2 * 8 * SEQ_LEN
+    tokens_per_s = dict(history(setup, run_id, "train/tokens_per_s"))
+    training_s = sum(step_tokens / tokens_per_s[step] for step in range(1, 17))
+    assert outcome.metrics["train/mean_tokens_per_s"] == pytest.approx(16 * step_tokens / training_s, rel=1e-6)
+    flops_per_token = training_flops_per_token(model_config("tiny", VOCAB), SEQ_LEN)
+    for step, value in history(setup, run_id, "train/mfu"):
+        assert value == pytest.approx(tokens_per_s[step] * flops_per_token / (1e12 * 2), rel=1e-6), step
+    attempt_s = outcome.metrics["train/cost_usd"] / 2.0 / 2 * 3600
+    assert training_s < attempt_s < wall_s
+    # The logged gradient norm is that of the whole step's gradient: step 1's, recomputed here from
+    # the same initial weights on the 16 sequences the two workers took.
+    torch.manual_seed(0)
+    model = build_model("tiny", VOCAB)
+    NextToken().compute(model, setup["train"].collate(GlobalOrder(len(setup["train"]), 0).take(0, 16))).loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
+    assert dict(history(setup, run_id, "train/grad_norm"))[1] == pytest.approx(norm.item(), rel=1e-4)
     assert outcome.metrics["train/counted_tokens"] == outcome.metrics["val/counted_tokens"] == 8 * (SEQ_LEN - 1)
     checkpoints = sorted(p.name for p in (setup["root"] / "ddp" / "train").glob("step_*"))
     assert checkpoints == ["step_00000015", "step_00000016"]  # the last two kept
