@@ -417,15 +417,33 @@ def test_generation_stops_at_the_first_stop_token(tokenizer, init_model):
 SMALL = {"batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "eval_batches": 1, "max_length": 160}
 
 
+TOY_SUMS = [(a, b) for a in range(2, 10) for b in range(1, 7)]  # 48 sums with one-digit terms
+REFUSAL = "No. Work it out yourself."
+TOY_SFT_STEPS = 300
+# GRPO and PPO on the toy policy: 8 prompts a step, replies of up to 24 tokens (the refusal takes 17),
+# the held-out split measured with 8 sampled replies per prompt, drawn alike before and after.
+TOY_RL = {**SMALL, "batch_size": 8, "lr": 3e-4, "eval_tokens": 24, "eval_samples": 8, "sampling": {"max_new_tokens": 24}}
+PPO_KL_TARGET = 3.0  # summed over a reply's tokens
+
+
+def _worked(a: int, b: int) -> str:
+    return f"{a} + {b} = {a + b}. The answer is {a + b}."
+
+
 def _toy_preferences(folder: Path) -> tuple[Path, Path]:
     """Pairs a reward model can separate: a worked sum is preferred to a curt refusal to answer.
     The held-out pairs ask other sums."""
     def pair(a: int, b: int) -> dict:
-        return {"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}. The answer is {a + b}.",
-                "rejected": "No. Work it out yourself."}
-    train = [pair(a, b) for a in range(2, 10) for b in range(1, 7)]  # 48 pairs
+        return {"prompt": f"What is {a} + {b}?", "chosen": _worked(a, b), "rejected": REFUSAL}
+    train = [pair(a, b) for a, b in TOY_SUMS]
     held = [pair(a, b) for a in range(11, 15) for b in range(21, 25)]  # 16 pairs, numbers never trained on
     return _jsonl(folder / "toy_train.jsonl", train), _jsonl(folder / "toy_heldout.jsonl", held)
+
+
+def _tracked_run(root: Path) -> tuple[str, str]:
+    """(tracking URI, run id): a run in an MLflow database of its own under ``root``."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return uri, MlflowClient(uri).create_run(experiment_id(uri, "post")).info.run_id
 
 
 @pytest.fixture(scope="module")
@@ -451,8 +469,7 @@ def chain(demo_data, init_model, ray_session, tmp_path_factory, stage_alone):
     dpo_cfg = align.AlignConfig(
         method="dpo", data=prefs, validation=held, steps=4, eval_every=4, checkpoint_every=2, max_failures=1, **SMALL
     )
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    run_id = MlflowClient(uri).create_run(experiment_id(uri, "post")).info.run_id
+    uri, run_id = _tracked_run(root)
     os.environ[FAULT_ENV] = "4"
     try:
         dpo_result, dpo_out, _ = stage_alone(align, root, "align", dpo_cfg, upstream, run_id=run_id, uri=uri)
@@ -514,44 +531,84 @@ def test_dpo_logs_margins_and_moves_away_from_the_reference(chain):
     assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(out.path("model")))
 
 
-def test_grpo_with_the_arithmetic_verifier(chain, demo_data, stage_alone):
-    prompts = [{"name": "math", "path": str(demo_data / "prompts_train.jsonl")}]
-    held = [{"name": "math", "path": str(demo_data / "prompts_heldout.jsonl")}]
-    cfg = align.AlignConfig(
-        method="grpo", reward="arithmetic", data=prompts, validation=held, steps=2, eval_every=2, eval_tokens=8,
-        eval_samples=2, sampling={"max_new_tokens": 8}, grpo={"group_size": 2}, **{**SMALL, "batch_size": 2},
-    )
-    result, out, _ = stage_alone(align, chain["root"], "align", cfg, chain["upstream"], tag="grpo")
-    for key in ("train/reward/mean", "train/kl", "train/entropy", "train/response_length", "heldout/exact_match",
-                "heldout/exact_match_sft", "heldout/sampled_exact_match", "heldout/sampled_exact_match_sft"):
-        assert key in result.metrics, key
-    assert (out.path("model") and Path(out.path("model"), "model.safetensors").exists())
+@pytest.fixture(scope="module")
+def toy_policy(tokenizer, init_model, tmp_path_factory):
+    """A policy that is sometimes right: the untrained model taught in process (no Ray) to answer
+    each of the toy sums, half the time worked out (and then often right) and half the time with
+    the refusal the toy reward model ranks low. GRPO and PPO train on 36 of the sums and measure
+    the 12 others (every fourth), whose answers the policy learnt as well as the rest."""
+    from tasks.train.sft_objective import AssistantTokens
+
+    folder = tmp_path_factory.mktemp("toy")
+    chats = [[{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": reply}]
+             for a, b in TOY_SUMS for reply in (_worked(a, b), REFUSAL)]
+    write_examples([encode_conversation(tokenizer, c, 64) for c in chats], LOCAL, str(folder / "sft.parquet"))
+    examples = ChatExamples(LOCAL, str(folder / "sft.parquet"), tokenizer.pad_token_id, packed=False)
+    model = AutoModelForCausalLM.from_pretrained(init_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    order = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small gains nothing from a second thread, and loses much on busy cores
+    try:
+        for _ in range(TOY_SFT_STEPS):
+            batch = examples.collate(torch.randperm(len(examples), generator=order)[:32].tolist())
+            AssistantTokens().compute(model, batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(folder / "model")
+    save_tokenizer(tokenizer, folder / "model")
+    prompts = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in TOY_SUMS]
+    return {
+        "model": str(folder / "model"),
+        "data": [{"name": "sums", "path": str(_jsonl(folder / "train.jsonl", [p for i, p in enumerate(prompts) if i % 4]))}],
+        "validation": [{"name": "sums", "path": str(_jsonl(folder / "heldout.jsonl", prompts[::4]))}],
+    }
+
+
+def _mean(history: list, steps: range) -> float:
+    values = [m.value for m in history if m.step in steps]
+    return sum(values) / len(values)
+
+
+def test_grpo_with_the_arithmetic_verifier_raises_the_verified_reward(toy_policy, ray_session, stage_alone, tmp_path):
+    cfg = align.AlignConfig(method="grpo", reward="arithmetic", init_from=toy_policy["model"], data=toy_policy["data"],
+                            validation=toy_policy["validation"], grpo={"group_size": 4}, steps=32, eval_every=32, **TOY_RL)
+    uri, run_id = _tracked_run(tmp_path)
+    result, out, _ = stage_alone(align, tmp_path, "align", cfg, {}, run_id=run_id, uri=uri)
+    m = result.metrics
+    rewards = MlflowClient(uri).get_metric_history(run_id, "train/reward/mean")
+    assert _mean(rewards, range(25, 33)) > _mean(rewards, range(1, 9)) + 0.1, [r.value for r in rewards]  # over its steps
+    # on the held-out sums too, compared on the same random draws
+    assert m["heldout/sampled_exact_match"] > m["heldout/sampled_exact_match_sft"] + 0.1, m
 
     # The held-out measure again, by hand: sampling from the top token alone is greedy decoding,
     # and the same seed draws the same replies.
     tokenizer = AutoTokenizer.from_pretrained(out.path("model"))
     examples = PromptExamples(pafs.LocalFileSystem(), out.path("data/validation.parquet"), tokenizer.pad_token_id)
     scorer = Scorer(tokenizer, "arithmetic", None)
-    measure = functools.partial(generation_metrics, out.path("model"), scorer, examples, 8, 4)
-    top_only = measure(Sampling(8, top_k=1), 3)
-    assert top_only["heldout/sampled_exact_match"] == top_only["heldout/exact_match"] == result.metrics["heldout/exact_match"]
-    assert measure(Sampling(8), 2, 7) == measure(Sampling(8), 2, 7)
+    tokens = TOY_RL["eval_tokens"]
+    measure = functools.partial(generation_metrics, out.path("model"), scorer, examples, tokens, 8)
+    top_only = measure(Sampling(tokens, top_k=1), 3)
+    assert top_only["heldout/sampled_exact_match"] == top_only["heldout/exact_match"] == m["heldout/exact_match"]
+    assert measure(Sampling(tokens), 2, 7) == measure(Sampling(tokens), 2, 7)
 
 
-def test_ppo_with_the_reward_model_exports_the_policy_alone(chain, demo_data, stage_alone):
-    prompts = [{"name": "math", "path": str(demo_data / "prompts_train.jsonl")}]
-    cfg = align.AlignConfig(
-        method="ppo", data=prompts, val_fraction=0.0, steps=2, sampling={"max_new_tokens": 6},
-        ppo={"epochs": 2, "kl_target": 1.0}, **{**SMALL, "batch_size": 2},
-    )
-    result, out, _ = stage_alone(align, chain["root"], "align", cfg, chain["upstream"], tag="ppo")
-    for key in ("train/reward/mean", "train/kl", "train/kl_coef", "train/entropy", "train/clip_fraction",
-                "train/value_loss", "train/response_length"):
-        assert key in result.metrics, key
+def test_ppo_with_the_reward_model_raises_the_held_out_reward_within_the_kl_target(chain, toy_policy, stage_alone, tmp_path):
+    cfg = align.AlignConfig(method="ppo", init_from=toy_policy["model"], data=toy_policy["data"],
+                            validation=toy_policy["validation"], ppo={"epochs": 2, "kl_target": PPO_KL_TARGET}, steps=16,
+                            eval_every=16, **TOY_RL)
+    uri, run_id = _tracked_run(tmp_path)
+    result, out, _ = stage_alone(align, tmp_path, "align", cfg, {"reward": chain["upstream"]["reward"]}, run_id=run_id, uri=uri)
     m = result.metrics
-    # step 2 is the rollout's second epoch: the policy moved off the sampling policy, and the KL to
-    # the reference stays under the target, so the adaptive coefficient moved down from 0.05
-    assert m["train/approx_kl"] > 0 and m["train/kl"] < 1.0 and m["train/kl_coef"] < 0.05
+    # the reward model prefers worked sums: the policy refuses less, on prompts it never trained on
+    assert m["heldout/sampled_reward"] > m["heldout/sampled_reward_sft"] + 0.2, m
+    kl = [h.value for h in MlflowClient(uri).get_metric_history(run_id, "train/kl")]
+    assert len(kl) == 16 and max(kl) < PPO_KL_TARGET, kl
+    # under the target all along, the adaptive coefficient only moved down from 0.05; step 16 is a
+    # rollout's second epoch, taken by a policy that moved off the one that sampled it
+    assert m["train/kl_coef"] < 0.05 and m["train/approx_kl"] > 0
     from safetensors import safe_open
 
     with safe_open(out.path("model/model.safetensors"), "pt") as f:
