@@ -118,7 +118,7 @@ def test_chatml_mask_covers_each_reply_and_its_end_marker(checkpoints):
     assert shipped.decode(prompt).endswith("<|im_start|>assistant\n")
 
 
-def test_a_checkpoint_without_a_template_needs_one_from_the_config(tokenizer, tmp_path, demo_data):
+def test_a_checkpoint_without_a_template_needs_one_from_the_config(tokenizer, tmp_path, demo_data, tmp_home):
     bare = _checkpoint(tmp_path / "bare", "llama", tokenizer, None)
     cfg = _config(tmp_path, bare, demo_data, sft={})
     with pytest.raises(ConfigError, match=r"sft.chat_template.*has no chat template.*crucible"):
@@ -170,7 +170,7 @@ def _config(tmp_path: Path, start: Path, data: Path, *, sft: dict | None = None,
     return validate_config({**sections, **extra}, "test")
 
 
-def test_post_training_only_config_needs_init_from(tmp_path, demo_data, checkpoints):
+def test_post_training_only_config_needs_init_from(tmp_path, demo_data, checkpoints, tmp_home):
     with pytest.raises(ConfigError, match=r"stage 'sft' needs the section\(s\) pretrain \(or sft.init_from"):
         validate_config({"name": "x", "sft": {"data": [{"name": "c", "path": "x.jsonl"}]}}, "test")
     with pytest.raises(ConfigError, match=r"stage 'align' needs the section\(s\) sft"):
@@ -274,14 +274,13 @@ def test_lora_sft_and_dpo_per_family_on_two_workers(family, strategy, checkpoint
 
 
 def _stage_settings(stage: str, data: Path) -> tuple[object, dict]:
-    from tasks.train import align, reward, sft
+    from tasks.train import align, reward
 
     def source(name: str, file: str) -> dict:
         return {"data": [{"name": name, "path": str(data / file)}], "val_fraction": 0.0}
 
     sampling = {"sampling": {"max_new_tokens": 6}, "max_prompt_length": 96}
     return {
-        "sft": (sft.SFTConfig, source("chat", "sft_train.jsonl")),
         "reward": (reward.RewardConfig, source("prefs", "preference_train.jsonl")),
         "grpo": (align.AlignConfig, {**source("math", "prompts_train.jsonl"), "method": "grpo", "reward": "arithmetic",
                                      "grpo": {"group_size": 2}, **sampling}),
@@ -291,20 +290,26 @@ def _stage_settings(stage: str, data: Path) -> tuple[object, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "reward", "grpo", "ppo"])
+@pytest.mark.parametrize("stage", ["reward", "ppo"])
 def test_a_killed_worker_resumes_and_ends_where_an_undisturbed_run_ends(
     stage, checkpoints, demo_data, tmp_path, ray_session, monkeypatch, stage_alone,
 ):
     """Step 3 of 4 kills the worker; Ray Train restarts it from the step-2 checkpoint (weights,
     optimizer, data position, RNG, PPO's KL coefficient and rollout batch) and the exported model
-    equals the one an undisturbed run exports."""
+    equals the one an undisturbed run exports.
+
+    A pair-based stage and a rollout-based one: the reward model (a sequence classifier, its own
+    weights to restore and export) and PPO (sampling that needs the RNG restored, a value head,
+    the objective's state). SFT restores nothing a causal LM's next-token run does not (its resume
+    is tested in test_train, test_pretrain and DPO's in test_post_training), and GRPO nothing PPO
+    does not (the same sampling, no state of its own)."""
     from safetensors.torch import load_file
 
-    from tasks.train import align, reward, sft
+    from tasks.train import align, reward
     from tasks.train.loop import FAULT_ENV
 
     make, settings = _stage_settings(stage, demo_data)
-    module = {"sft": sft, "reward": reward}.get(stage, align)
+    module = reward if stage == "reward" else align
     cfg = make(init_from=str(checkpoints["llama"]), **settings, **{**STEPS, "batch_size": 2, "steps": 4,
                "eval_every": 4, "checkpoint_every": 2, "max_failures": 1})
     undisturbed, _, plain = stage_alone(module, tmp_path / "plain", stage, cfg, {})
@@ -350,11 +355,20 @@ def test_training_examples_sharing_an_ngram_with_an_eval_set_are_rejected_with_t
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)  # a rank that stopped generating early would leave the other waiting: fail, not hang
-@pytest.mark.parametrize("strategy", [{"kind": "ddp"}, {"kind": "fsdp"}, {"kind": "deepspeed", "zero_stage": 3}], ids=["ddp", "fsdp", "zero3"])
-@pytest.mark.parametrize("stage", ["reward", "grpo", "ppo"])
+@pytest.mark.parametrize(("stage", "strategy"), [
+    ("reward", {"kind": "fsdp"}), ("reward", {"kind": "deepspeed", "zero_stage": 3}),
+    ("grpo", {"kind": "fsdp"}), ("grpo", {"kind": "deepspeed", "zero_stage": 3}),
+    ("ppo", {"kind": "ddp"}), ("ppo", {"kind": "fsdp"}), ("ppo", {"kind": "deepspeed", "zero_stage": 3}),
+], ids=["reward-fsdp", "reward-zero3", "grpo-fsdp", "grpo-zero3", "ppo-ddp", "ppo-fsdp", "ppo-zero3"])
 def test_lora_reward_grpo_and_ppo_on_two_workers(stage, strategy, checkpoints, demo_data, tmp_path, ray_session, stage_alone):
     """Replies end at different lengths on the two ranks (sampling), yet every rank takes part in
-    every forward of the sharded model until the last reply stops; the exports load as released."""
+    every forward of the sharded model until the last reply stops; the exports load as released.
+
+    Each stage under each sharded strategy (its wrapper sharded as its own unit, gathered for the
+    export). Under DDP nothing is sharded: PPO covers LoRA's reference forward through the DDP
+    wrapper and synced sampling, which GRPO shares; the reward model on two DDP workers is in
+    test_two_workers_follow_the_one_worker_loss_for_the_same_global_batch, and LoRA exports under
+    DDP in test_lora_sft_and_dpo_per_family_on_two_workers."""
     from transformers import AutoModelForSequenceClassification
 
     from tasks.train import align, reward

@@ -109,7 +109,7 @@ def _committed_steps(out: Path) -> list[int]:
 
 
 def test_mlflow_stopped_during_training_loses_no_metric(svc, filtered):
-    steps, log_every = 600, 5  # ~0.1 s a step on 2 cores: the outage starts well before the end
+    steps, log_every = 300, 5  # ~0.1 s a step on 2 cores: the outage starts some 25 s before the end
     config = svc.tiny_config(pretrain={"steps": steps, "log_every": log_every, "checkpoint_every": 200, "eval_every": 300})
     out, spool = planned_dir(config, "pretrain"), svc.home / "mlflow-spool"
     clock = Clock()
@@ -143,7 +143,7 @@ def test_mlflow_stopped_during_training_loses_no_metric(svc, filtered):
 
 
 def test_worker_killed_mid_pretrain_then_retried_resumes_from_checkpoint(svc, filtered):
-    steps, every = 150, 10
+    steps, every = 60, 10  # killed a few steps after the first checkpoint, some 5 s before the end
     config = svc.tiny_config(pretrain={"steps": steps, "log_every": every, "checkpoint_every": every, "eval_every": steps})
     out = planned_dir(config, "pretrain")
     clock = Clock()
