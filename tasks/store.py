@@ -18,8 +18,13 @@ import pyarrow.fs as pafs
 MANIFEST = "manifest.json"
 
 
+def is_remote(uri: str) -> bool:
+    """An object-store URI (``s3://…``, ``gs://…``), not a local path or a ``file://`` URI."""
+    return "://" in uri and not uri.startswith("file://")
+
+
 def _split(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri and not uri.startswith("file://"):
+    if is_remote(uri):
         return pafs.FileSystem.from_uri(uri)
     local = uri.removeprefix("file://")
     return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve())
