@@ -26,7 +26,7 @@ from tasks.ray_runtime import ensure_ray
 from tasks.registry import STAGE_ORDER, STAGES
 from tasks.stage import Manifest, StageContext, fingerprint_view
 from tasks.store import MANIFEST, StageDir, read_text
-from tasks.tracking import RunLogger, deliver_spool, git_commit, start_run, tracking_uri
+from tasks.tracking import RunLogger, created_run, deliver_spool, git_commit, start_run, tracking_uri
 
 try:
     CRUCIBLE_VERSION = version("crucible")
@@ -206,7 +206,7 @@ def _execute(
             tokens=result.tokens,
             counts=result.counts,
             metrics=result.metrics,
-            mlflow_run_id=run_id,
+            mlflow_run_id=created_run(run_id) or run_id,  # deferred only while MLflow is still away
             code_version=STAGES[name].version,
             crucible_version=CRUCIBLE_VERSION,
             started_at=began,
