@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.config import PipelineConfig
 from tasks.engine import StageOutcome
-from tasks.tracking import tracking_uri
+from tasks.tracking import created_run, tracking_uri
 
 
 def artifact_key(*parts: str) -> str:
@@ -18,7 +18,10 @@ def artifact_key(*parts: str) -> str:
 
 def mlflow_link(config: PipelineConfig, run_id: str | None) -> str:
     if run_id is None:
-        return "not tracked (MLflow was unreachable)"
+        return "not tracked"
+    run_id = created_run(run_id)
+    if run_id is None:
+        return "pending: MLflow is unreachable, the run is created when it returns"
     uri = tracking_uri(config.tracking.uri)
     if uri.startswith(("http://", "https://")):
         return f"[{run_id}]({uri.rstrip('/')}/#/runs/{run_id})"

@@ -95,8 +95,9 @@ def cmd_stages(_args: argparse.Namespace) -> int:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     """Write the demo sets (corpus, chat and preference data, evaluation suites).
 
-    Files whose bytes are unchanged are left alone, so their mtimes (part of the fingerprints
-    of the stages reading them) stay put and a second ``make demo`` is all cached.
+    Files whose bytes are unchanged are left alone. Fingerprints follow content, so a rewrite would
+    change none, but an untouched file keeps its cached digest (``tasks/digest.py``): a second
+    ``make demo`` reads nothing again to plan.
     """
     from tasks.data.demo_chat import write_demo_chat
     from tasks.data.demo_corpus import write_demo_corpus

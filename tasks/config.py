@@ -1,8 +1,8 @@
 """The pipeline config: one pydantic model, loaded from YAML, checked before anything runs.
 
-General sections (``name``, ``store``, ``tracking``, ``ray``) plus one optional section per
-stage. A stage runs only if its section is present; the sections present must form a chain
-(every stage's upstream stages are configured too). Unknown keys are errors everywhere.
+General sections (``name``, ``store``, ``tracking``, ``ray``, ``lease``) plus one optional
+section per stage. A stage runs only if its section is present; the sections present must form
+a chain (every stage's upstream stages are configured too). Unknown keys are errors everywhere.
 """
 
 from __future__ import annotations
@@ -49,6 +49,25 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
 
 
+class LeaseConfig(Strict):
+    """One writer per stage folder (``tasks/lease.py``). Only how runs share a folder: no field
+    here changes what a stage writes, so none is part of a fingerprint."""
+
+    wait_s: float = Field(
+        3600, ge=0, description="how long a run waits while another live run writes the same stage, then fails"
+    )
+    ttl_s: float = Field(
+        300, gt=0, description="a lease whose heartbeat is older is stale (its run is gone) and is taken over"
+    )
+    heartbeat_s: float = Field(30, gt=0, description="how often the run holding a lease refreshes it")
+
+    @model_validator(mode="after")
+    def _beats_well_within_ttl(self) -> LeaseConfig:
+        if self.heartbeat_s * 2 > self.ttl_s:
+            raise ValueError("heartbeat_s must be at most half of ttl_s, or a live run's lease could look stale")
+        return self
+
+
 class PipelineConfig(Strict):
     """A whole Crucible pipeline."""
 
@@ -58,6 +77,7 @@ class PipelineConfig(Strict):
     )
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+    lease: LeaseConfig = LeaseConfig()
     ingest: IngestConfig | None = None
     filter: FilterConfig | None = None
     dedup: DedupConfig | None = None

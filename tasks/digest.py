@@ -6,6 +6,10 @@ again unchanged reruns nothing. Hashing a multi-GB checkpoint on every ``crucibl
 would be slow, so each file's digest is cached in the state dir under (real path, size,
 mtime): a file is re-read only when one of them changes, and a changed mtime with unchanged
 bytes still gives the same digest.
+
+Objects on an object store (``s3://…``) are the exception: reading every one at each plan would
+cost a pass over the data, so they stand for themselves by their key, size and mtime (a bucket
+is the same wherever the pipeline runs; a local checkout is not).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 from tasks.paths import state_dir
 
@@ -57,9 +63,19 @@ def file_digest(path: str | Path) -> str:
             db.close()
 
 
+def listed_digest(info: pafs.FileInfo, remote: bool) -> str:
+    """One file a pyarrow listing found: its bytes' digest when local, its key, size and mtime on an
+    object store (see the module's docstring)."""
+    return f"{info.path}\0{info.size}\0{info.mtime_ns}" if remote else file_digest(info.path)
+
+
+def listing_digest(listing: dict[str, str]) -> str:
+    """One digest of ``name -> digest`` entries, whatever order they were listed in."""
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
 def folder_digest(path: str | Path) -> str:
     """The digest of every file under a local folder: relative names and contents, not locations."""
     root = Path(path)
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    listing = {str(f.relative_to(root)): file_digest(f) for f in files}
-    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+    return listing_digest({str(f.relative_to(root)): file_digest(f) for f in files})

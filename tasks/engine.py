@@ -21,11 +21,12 @@ from pydantic import BaseModel
 
 from tasks.config import PipelineConfig
 from tasks.errors import StageError
+from tasks.lease import StageLease
 from tasks.ray_runtime import ensure_ray
 from tasks.registry import STAGE_ORDER, STAGES
 from tasks.stage import Manifest, StageContext, fingerprint_view
 from tasks.store import MANIFEST, StageDir, read_text
-from tasks.tracking import RunLogger, deliver_spool, git_commit, start_run, tracking_uri
+from tasks.tracking import RunLogger, created_run, deliver_spool, git_commit, start_run, tracking_uri
 
 try:
     CRUCIBLE_VERSION = version("crucible")
@@ -114,7 +115,9 @@ def run_stage(
 
     ``upstream`` manifests are read from the store when not given (a stage run on its own).
     An incomplete folder from an earlier attempt is kept, so stages can resume inside it;
-    ``force`` clears it first.
+    ``force`` clears it first. The stage is written under its lease (one writer per folder):
+    a run that waited for another one writing the same stage reports it cached once that
+    run's manifest is there, unless forced.
     """
     if name not in STAGES:
         raise StageError(f"unknown stage '{name}' (available: {', '.join(STAGES)})")
@@ -122,36 +125,65 @@ def run_stage(
     if name not in planned:
         raise StageError(f"stage '{name}' is not configured: add a '{name}:' section to the config")
     me = planned[name]
-    uri = tracking_uri(config.tracking.uri)
     started = time.monotonic()
 
     existing = None if force else me.manifest()
-    if existing is not None:
-        run_id = start_run(uri, _experiment(config), name, parent_run_id, {
-            **_stage_tags(me, "cached"), "crucible.produced_by": existing.mlflow_run_id,
-        })
-        log = RunLogger(run_id, uri)
-        log.log_params(config.section(name).model_dump(mode="json"))
-        log.close()
-        report = read_text(me.out.path("report.md")) if me.out.exists("report.md") else ""
-        return StageOutcome(
-            stage=name, state="cached", manifest=existing, duration_s=time.monotonic() - started,
-            mlflow_run_id=run_id, report=report,
-        )
+    if existing is None:
+        inputs = _upstream_manifests(name, planned, upstream or {})
+        with StageLease(me.out, name, config.lease) as lease:
+            existing = None if force else me.manifest()  # written by the run this one waited for
+            if existing is None:
+                return _execute(config, me, inputs, parent_run_id, started, force, lease)
+    return _report_cached(config, me, existing, parent_run_id, started)
 
-    inputs = dict(upstream or {})
-    for up in me.upstream:
+
+def _upstream_manifests(name: str, planned: dict[str, PlannedStage], given: dict[str, Manifest]) -> dict[str, Manifest]:
+    """The manifests ``name`` reads: those given, the others from the store (which must be
+    complete and match the planned fingerprints)."""
+    inputs = dict(given)
+    for up, fp in planned[name].upstream.items():
         if up not in inputs:
             found = planned[up].manifest()
             if found is None:
                 raise StageError(
-                    f"stage '{name}' needs the output of '{up}' (fingerprint {planned[up].fingerprint}), "
+                    f"stage '{name}' needs the output of '{up}' (fingerprint {fp}), "
                     f"which is not complete: run up to '{up}' first"
                 )
             inputs[up] = found
-        if inputs[up].fingerprint != me.upstream[up]:
+        if inputs[up].fingerprint != fp:
             raise StageError(f"stage '{name}': upstream '{up}' manifest does not match the planned fingerprint")
+    return inputs
 
+
+def _report_cached(
+    config: PipelineConfig, me: PlannedStage, existing: Manifest, parent_run_id: str | None, started: float
+) -> StageOutcome:
+    uri = tracking_uri(config.tracking.uri)
+    run_id = start_run(uri, _experiment(config), me.name, parent_run_id, {
+        **_stage_tags(me, "cached"), "crucible.produced_by": existing.mlflow_run_id,
+    })
+    log = RunLogger(run_id, uri)
+    log.log_params(config.section(me.name).model_dump(mode="json"))
+    log.close()
+    report = read_text(me.out.path("report.md")) if me.out.exists("report.md") else ""
+    return StageOutcome(
+        stage=me.name, state="cached", manifest=existing, duration_s=time.monotonic() - started,
+        mlflow_run_id=run_id, report=report,
+    )
+
+
+def _execute(
+    config: PipelineConfig,
+    me: PlannedStage,
+    inputs: dict[str, Manifest],
+    parent_run_id: str | None,
+    started: float,
+    force: bool,
+    lease: StageLease,
+) -> StageOutcome:
+    """Run the stage body into its folder and write the manifest last; the caller holds the lease."""
+    name = me.name
+    uri = tracking_uri(config.tracking.uri)
     if force:
         me.out.clear()
     me.out.make()
@@ -174,12 +206,13 @@ def run_stage(
             tokens=result.tokens,
             counts=result.counts,
             metrics=result.metrics,
-            mlflow_run_id=run_id,
+            mlflow_run_id=created_run(run_id) or run_id,  # deferred only while MLflow is still away
             code_version=STAGES[name].version,
             crucible_version=CRUCIBLE_VERSION,
             started_at=began,
             finished_at=datetime.now(timezone.utc),
         )
+        lease.ensure_held()
         me.out.write_bytes_atomic(MANIFEST, manifest.model_dump_json(indent=2).encode())
     except BaseException:
         log.close("FAILED")

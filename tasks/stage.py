@@ -78,7 +78,8 @@ class Stage:
     ``version`` is the stage's code version: bump it whenever the stage's output for the same
     inputs would change, so every fingerprint from here down changes with it.
     ``inputs`` returns a digest of anything outside the config the output depends on (e.g. the
-    size and mtime of ingested files), and raises ``ConfigError`` if those inputs are unusable.
+    contents of ingested files, ``tasks/digest.py``), and raises ``ConfigError`` if those inputs are
+    unusable; the config fields naming them are ``DIGESTED``.
     ``optional_upstream`` stages feed this one when the config has them (``evaluate`` scores
     whichever models the pipeline trains); they count in the fingerprint only then.
     ``needs(section)`` narrows ``upstream`` to what this section reads: a post-training stage
@@ -104,11 +105,33 @@ class Stage:
 
 DIGESTED = {"digested": True}
 """``json_schema_extra`` of a config field whose *content* the stage's input digest covers (a
-checkpoint folder): the field's value (a path) is left out of the fingerprint, so the same
-content at another path gives the same fingerprint."""
+checkpoint folder, a data file or glob, a suite): the field's value (a path) is left out of the
+fingerprint, at any depth of the section, so the same content at another path gives the same
+fingerprint."""
+
+
+def _digested(model: BaseModel) -> dict[str, Any]:
+    """``model_dump``'s ``exclude`` for the ``DIGESTED`` fields of ``model`` and of the models in it."""
+    exclude: dict[str, Any] = {}
+    for name, f in type(model).model_fields.items():
+        inner = True if (f.json_schema_extra or {}) == DIGESTED else _digested_in(getattr(model, name))
+        if inner:
+            exclude[name] = inner
+    return exclude
+
+
+def _digested_in(value: Any) -> dict[Any, Any]:
+    """The ``exclude`` entries of the models inside a field's value (a model, a list or a mapping)."""
+    if isinstance(value, BaseModel):
+        return _digested(value)
+    if isinstance(value, (list, tuple)):
+        value = dict(enumerate(value))
+    if isinstance(value, dict):
+        return {key: inner for key, item in value.items() if (inner := _digested_in(item))}
+    return {}
 
 
 def fingerprint_view(section: BaseModel) -> dict[str, Any]:
-    """The section as the fingerprint sees it: every field but the ``DIGESTED`` ones."""
-    skip = {name for name, f in type(section).model_fields.items() if (f.json_schema_extra or {}) == DIGESTED}
-    return section.model_dump(mode="json", exclude=skip)
+    """The section as the fingerprint sees it: every field but the ``DIGESTED`` ones, nested too
+    (the path of each ingest source, each data file, each suite)."""
+    return section.model_dump(mode="json", exclude=_digested(section))

@@ -5,6 +5,10 @@ the same ``RunLogger`` works in the flow process and inside Ray workers (rank 0 
 A tracking outage never kills a stage: calls warn once, buffer, and are replayed in order
 on the next call that reaches the server, or on ``flush()``; a process that ends while the
 server is still away spills its buffer to the spool, delivered by a later stage or run.
+Runs are no exception: a run that cannot be created gets a deferred id, under which every
+call (from any process, model registrations included) is buffered; the first delivery after
+the server returns creates the run, with its original start time and its parent, and maps
+the deferred id to the real one.
 """
 
 from __future__ import annotations
@@ -12,14 +16,19 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sqlite3
 import subprocess
 import time
+import uuid
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.paths import state_dir
+
+DEFERRED = "deferred-"  # prefix of the ids of runs created once the server returns
 
 # Fail fast while the server is away: the buffer, not HTTP retries, carries us over an outage.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -96,6 +105,7 @@ class RunLogger:
         self.uri = uri or tracking_uri()
         self.spool = Path(spool) if spool else spool_dir()
         self._pending: list[dict[str, Any]] = []
+        self._delivered: Any = None
         self._warned = False
 
     def __getstate__(self) -> dict:  # travels to Ray workers without its buffer
@@ -108,18 +118,20 @@ class RunLogger:
     def pending(self) -> int:
         return len(self._pending)
 
-    def _call(self, record: dict[str, Any]) -> None:
+    def _call(self, record: dict[str, Any]) -> Any:
+        """Buffer ``record`` and deliver what is pending; what delivering it returned, None if it waits."""
         if self.run_id is None:
-            return
+            return None
         self._pending.append(record)
         self.flush()
+        return None if any(r is record for r in self._pending) else self._delivered
 
     def flush(self) -> bool:
         """Replay buffered calls in order; True when nothing is left."""
         while self._pending:
             record = self._pending[0]
             try:
-                _send(_client(self.uri), self.run_id, record)
+                self._delivered = _send(self.uri, self.run_id, record)
             except Exception as exc:  # noqa: BLE001 - any tracking failure is survivable
                 if not self._warned:
                     warnings.warn(
@@ -150,8 +162,8 @@ class RunLogger:
         return path
 
     def close(self, status: str = "FINISHED") -> None:
-        """Deliver everything, then mark the run ended; spill both if the server is away."""
-        self._call({"kind": "end", "status": status})
+        """Deliver everything, then mark the run ended (at this time); spill both if the server is away."""
+        self._call({"kind": "end", "status": status, "time": int(time.time() * 1000)})
         self.spill()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -173,11 +185,53 @@ class RunLogger:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self._call({"kind": "dict", "data": data, "file": artifact_file})
 
+    def register_model(self, name: str, source: str, alias: str, tags: Mapping[str, str]) -> Registration:
+        """Register ``source`` as a version of model ``name`` from this run and point ``alias`` at it.
 
-def _send(client: Any, run_id: str, record: dict[str, Any]) -> None:
+        While the server is away the registration waits in the buffer (and the spool) like any
+        other call, and happens when the server returns.
+        """
+        record = {"kind": "register", "name": name, "source": source, "alias": alias, "tags": dict(tags)}
+        version = self._call(record)
+        return Registration(name, alias, version, pending=any(r is record for r in self._pending))
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What became of a model registration: a version, or waiting for the server, or neither."""
+
+    name: str
+    alias: str
+    version: str | None
+    pending: bool
+
+    def line(self) -> str:
+        """The stage report's sentence on it."""
+        if self.version is not None:
+            return f"Registered as MLflow model **{self.name}** version {self.version} (alias `{self.alias}`)."
+        if self.pending:
+            return f"Registration as MLflow model **{self.name}** (alias `{self.alias}`) is pending: it happens when the tracking server returns."
+        return f"Not registered as MLflow model **{self.name}** (see the stage's warnings)."
+
+
+def _send(uri: str, run_id: str, record: dict[str, Any]) -> Any:
+    """One buffered call, made now. A server that answers with an error will answer the same
+    again: the call is dropped with a warning instead of holding up every later one. Anything
+    else (no answer) raises, and the call stays buffered."""
+    from mlflow.exceptions import RestException
+
+    try:
+        return _call_mlflow(uri, resolve_run(uri, run_id), record)
+    except RestException as exc:
+        warnings.warn(f"MLflow at {uri} refused {record['kind']} for run {run_id}; dropped ({exc})", RuntimeWarning)
+        return None
+
+
+def _call_mlflow(uri: str, run_id: str, record: dict[str, Any]) -> Any:
     """One buffered call, as the MLflow client method it stands for."""
     from mlflow.entities import Metric, Param, RunTag
 
+    client = _client(uri)
     kind = record["kind"]
     if kind == "metrics":
         client.log_batch(run_id, metrics=[Metric(*m) for m in record["metrics"]])
@@ -186,7 +240,7 @@ def _send(client: Any, run_id: str, record: dict[str, Any]) -> None:
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i : i + 100])
     elif kind == "tags":
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _real_tags(uri, record["tags"]).items()])
     elif kind == "artifact":
         if not Path(record["path"]).exists():  # a temporary file gone before the server came back
             warnings.warn(f"artifact {record['path']} for run {run_id} no longer exists; not logged", RuntimeWarning)
@@ -197,9 +251,25 @@ def _send(client: Any, run_id: str, record: dict[str, Any]) -> None:
     elif kind == "dict":
         client.log_dict(run_id, record["data"], record["file"])
     elif kind == "end":
-        client.set_terminated(run_id, status=record["status"])
+        client.set_terminated(run_id, status=record["status"], end_time=record.get("time"))
+    elif kind == "register":
+        return _register(client, run_id, record)
     else:
         raise ValueError(f"unknown tracking record kind '{kind}'")
+    return None
+
+
+def _register(client: Any, run_id: str, record: dict[str, Any]) -> str:
+    from mlflow.exceptions import MlflowException
+
+    name = record["name"]
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source=record["source"], run_id=run_id, tags=record["tags"])
+    client.set_registered_model_alias(name, record["alias"], version.version)
+    return str(version.version)
 
 
 def spool_dir() -> Path:
@@ -224,7 +294,7 @@ def deliver_spool(spool: Path | None = None) -> int:
         done = 0
         for record in records:
             try:
-                _send(_client(record["uri"]), record["run_id"], record)
+                _send(record["uri"], record["run_id"], record)
             except Exception:  # noqa: BLE001 - still away: keep the rest for next time
                 break
             done += 1
@@ -238,17 +308,95 @@ def deliver_spool(spool: Path | None = None) -> int:
     return delivered
 
 
-def start_run(uri: str, experiment: str, name: str, parent_run_id: str | None, tags: Mapping[str, Any]) -> str | None:
-    """Create a (nested) run and return its id; None (with a warning) when tracking is down."""
+def start_run(uri: str, experiment: str, name: str, parent_run_id: str | None, tags: Mapping[str, Any]) -> str:
+    """Create a (nested) run and return its id: a deferred id (with a warning) while tracking is
+    down, under which calls are buffered until the run can be created."""
+    request = {
+        "experiment": experiment, "name": name, "parent": parent_run_id,
+        "tags": {k: str(v) for k, v in tags.items() if v is not None}, "start_time": int(time.time() * 1000),
+    }
+    try:
+        return _create(uri, request)
+    except Exception as exc:  # noqa: BLE001
+        deferred = f"{DEFERRED}{uuid.uuid4().hex}"
+        db = _deferred_runs()
+        try:
+            with db:
+                db.execute("INSERT INTO runs (id, uri, request) VALUES (?, ?, ?)", (deferred, uri, json.dumps(request)))
+        finally:
+            db.close()
+        warnings.warn(
+            f"MLflow unreachable at {uri} ({type(exc).__name__}): run '{name}' is created when it returns; "
+            f"its calls are buffered until then", RuntimeWarning,
+        )
+        return deferred
+
+
+def _create(uri: str, request: dict[str, Any]) -> str:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    all_tags = {k: str(v) for k, v in tags.items() if v is not None}
-    if parent_run_id:
-        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    try:
-        client = _client(uri)
-        run = client.create_run(experiment_id(uri, experiment), run_name=name, tags=all_tags)
-    except Exception as exc:  # noqa: BLE001
-        warnings.warn(f"MLflow unreachable at {uri}: run '{name}' is not tracked ({exc})", RuntimeWarning)
-        return None
+    tags = _real_tags(uri, request["tags"])
+    if request["parent"]:
+        tags[MLFLOW_PARENT_RUN_ID] = resolve_run(uri, request["parent"])
+    run = _client(uri).create_run(
+        experiment_id(uri, request["experiment"]), run_name=request["name"], tags=tags, start_time=request["start_time"],
+    )
     return run.info.run_id
+
+
+def _deferred_runs() -> sqlite3.Connection:
+    """The deferred runs of this state dir: their creation requests, and their real ids once created."""
+    path = state_dir() / "mlflow-deferred.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=60)
+    db.execute("CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, uri TEXT, request TEXT, real_id TEXT)")
+    return db
+
+
+def resolve_run(uri: str, run_id: str) -> str:
+    """The real id of ``run_id``: itself, or the run a deferred id stands for, created now if need be.
+
+    Raises while the server is still away. One process creates a deferred run: the row is
+    re-read under the database's write lock before creating it. The runs its request names
+    (its parent, a ``crucible.produced_by`` tag) are created first, before that lock is taken.
+    """
+    if not run_id.startswith(DEFERRED):
+        return run_id
+    known = created_run(run_id)
+    if known is not None:
+        return known
+    db = _deferred_runs()
+    try:
+        row = db.execute("SELECT uri, request FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"deferred MLflow run {run_id} is not known in {state_dir()}")
+        request = json.loads(row[1])
+        for named in [request["parent"], *request["tags"].values()]:
+            if named and named.startswith(DEFERRED):
+                resolve_run(row[0], named)
+        db.execute("BEGIN IMMEDIATE")
+        (real,) = db.execute("SELECT real_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if real is None:
+            real = _create(row[0], request)
+            db.execute("UPDATE runs SET real_id = ? WHERE id = ?", (real, run_id))
+        db.commit()
+        return real
+    finally:
+        db.close()
+
+
+def created_run(run_id: str | None) -> str | None:
+    """The real id of a run, or None while a deferred run is not created yet (never contacts MLflow)."""
+    if run_id is None or not run_id.startswith(DEFERRED):
+        return run_id
+    db = _deferred_runs()
+    try:
+        row = db.execute("SELECT real_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+    finally:
+        db.close()
+    return row[0] if row else None
+
+
+def _real_tags(uri: str, tags: Mapping[str, str]) -> dict[str, str]:
+    """Tags whose values name deferred runs (e.g. ``crucible.produced_by``) name the real runs."""
+    return {k: resolve_run(uri, v) if v.startswith(DEFERRED) else v for k, v in tags.items()}

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from mlflow import MlflowClient
 
-from tasks.tracking import RunLogger, deliver_spool, experiment_id, flatten
+from tasks.tracking import DEFERRED, RunLogger, created_run, deliver_spool, experiment_id, flatten, start_run
 
 
 def free_port() -> int:
@@ -41,7 +41,7 @@ def mlflow_server(port: int, db: str) -> Iterator[None]:
     """An MLflow tracking server on ``port`` over ``db`` while the block runs (the outage ends)."""
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", db, "--workers", "1"],
+         "--backend-store-uri", db, "--default-artifact-root", db.removeprefix("sqlite:///") + ".artifacts", "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -125,3 +125,76 @@ def test_a_worker_ending_during_an_outage_spills_and_a_later_call_delivers(tmp_p
     assert [(m.step, m.value) for m in local.get_metric_history(run_id, "loss")] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
     assert local.get_run(run_id).info.status == "FINISHED"
     assert list(spool.iterdir()) == []
+
+
+def test_a_run_started_during_an_outage_is_created_with_its_calls_when_the_server_returns(tmp_path, tmp_home):
+    """Run creation, a nested run, a tag naming another run and a model registration all wait
+    through the outage (spilled to the spool by the ending process) and land in order after it."""
+    port = free_port()
+    url, db = f"http://127.0.0.1:{port}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    source = "s3://store/pretrain/0123/model"  # a tracking server takes local paths only inside a run's artifacts
+    with pytest.warns(RuntimeWarning, match="created when it returns"):
+        parent = start_run(url, "outage", "pipeline", None, {"crucible.kind": "pipeline"})
+        child = start_run(url, "outage", "pretrain", parent, {"crucible.stage": "pretrain"})
+    assert parent.startswith(DEFERRED) and child.startswith(DEFERRED) and created_run(child) is None
+    began = time.time() * 1000
+
+    log = RunLogger(child, url)
+    with pytest.warns(RuntimeWarning):
+        log.log_params({"lr": 0.1})
+        log.log_metrics({"loss": 2.0}, step=1)
+        log.set_tags({"crucible.produced_by": parent})
+        registration = log.register_model("tiny-lm", source, "pretrain", {"crucible.stage": "pretrain"})
+        assert registration.version is None and registration.pending and "pending" in registration.line()
+        log.close()  # spills: this "process" ends before the server is back
+        RunLogger(parent, url).close()
+    assert deliver_spool() == 0  # still away: nothing lost
+
+    with mlflow_server(port, db):
+        assert deliver_spool() == 6  # params, metrics, tags, registration, two run ends
+    real_parent, real_child = created_run(parent), created_run(child)
+    assert real_parent and real_child and not real_child.startswith(DEFERRED)
+    local = MlflowClient(db)
+    run = local.get_run(real_child)
+    assert run.data.tags["mlflow.parentRunId"] == real_parent and run.data.tags["crucible.produced_by"] == real_parent
+    assert run.data.params == {"lr": "0.1"} and run.data.metrics == {"loss": 2.0}
+    assert run.info.status == "FINISHED" and run.info.start_time <= began  # its own start, not the delivery's
+    assert run.info.run_name == "pretrain" and run.data.tags["crucible.stage"] == "pretrain"
+    version = local.get_model_version_by_alias("tiny-lm", "pretrain")
+    assert version.run_id == real_child and version.source == source
+
+
+def test_a_stage_run_through_an_outage_is_tracked_and_its_model_registered_afterwards(tmp_path, tmp_home, ray_session, monkeypatch):
+    """The engine's side: a pipeline whose tracking server is down from the start runs, says the
+    registration is pending, and everything reaches MLflow on the next delivery."""
+    import tasks.registry as registry
+    from tasks.config import load_config, validate_config
+    from tasks.engine import run_pipeline
+    from tasks.stage import Stage, StageResult
+
+    port = free_port()
+    url, db = f"http://127.0.0.1:{port}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = load_config("configs/tiny.yaml").model_dump(mode="json", exclude_none=True)
+    config = validate_config({**{k: data[k] for k in ("name", "ray", "ingest")}, "tracking": {"uri": url}}, "tiny ingest")
+
+    def publish(ctx):
+        ctx.log.log_metrics({"loss": 1.5}, step=3)
+        registration = ctx.log.register_model("tiny", "s3://store/ingest/model", "ingest", {})
+        return StageResult(rows=1, metrics={"quality": 0.5}, report=registration.line())
+
+    real = registry.STAGES["ingest"]
+    monkeypatch.setitem(registry.STAGES, "ingest", Stage("ingest", (), real.version, publish, real.inputs))
+    with pytest.warns(RuntimeWarning, match="created when it returns"):
+        [outcome] = run_pipeline(config)
+    assert outcome.state == "ran" and "pending" in outcome.report
+    assert outcome.manifest.mlflow_run_id.startswith(DEFERRED)
+
+    with mlflow_server(port, db):
+        assert deliver_spool() > 0
+    stage_run = MlflowClient(db).get_run(created_run(outcome.manifest.mlflow_run_id))
+    assert stage_run.data.tags["crucible.stage"] == "ingest" and stage_run.data.tags["crucible.state"] == "ran"
+    assert stage_run.data.metrics["loss"] == 1.5 and stage_run.data.metrics["quality"] == 0.5
+    assert stage_run.data.params["row_group_rows"] == str(config.ingest.row_group_rows)
+    assert MlflowClient(db).get_model_version_by_alias("tiny", "ingest").run_id == stage_run.info.run_id
+    parent = MlflowClient(db).get_run(stage_run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["crucible.kind"] == "pipeline" and parent.info.status == "FINISHED"

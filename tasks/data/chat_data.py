@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
@@ -32,8 +31,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.data.ingest import QUARANTINE_SCHEMA, RAW_PREVIEW, BadRow, list_source_files
+from tasks.data.ingest import QUARANTINE_SCHEMA, RAW_PREVIEW, BadRow, list_source_files, relative_name
 from tasks.errors import ConfigError
+from tasks.stage import DIGESTED
+from tasks.store import is_remote
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
@@ -46,7 +47,9 @@ class ChatSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="short unique name; prefixes every id")
-    path: str = Field(..., description="file, glob (`data/chat/*.jsonl`) or URI (`s3://bucket/prefs/*.parquet`)")
+    path: str = Field(
+        ..., description="file, glob (`data/chat/*.jsonl`) or URI (`s3://bucket/prefs/*.parquet`)", json_schema_extra=DIGESTED
+    )
     format: Literal["jsonl", "parquet"] = "jsonl"
 
 
@@ -272,10 +275,9 @@ def load_examples(sources: list[ChatSource], kind: Literal["chat", "preference",
         if not files:
             problems.append((f"{where}[{i}].path", f"no files match '{source.path}'"))
             continue
-        remote = "://" in source.path and not source.path.startswith("file://")
-        fs = pafs.FileSystem.from_uri(source.path)[0] if remote else pafs.LocalFileSystem()
+        fs = pafs.FileSystem.from_uri(source.path)[0] if is_remote(source.path) else pafs.LocalFileSystem()
         for info in files:
-            rel = os.path.relpath(info.path, base) if base else info.path
+            rel = relative_name(info.path, base)
 
             def quarantine(line: int, error: str, raw: str = "") -> None:
                 loaded.quarantine.append(

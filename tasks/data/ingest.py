@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import hashlib
 import itertools
 import json
 import os
@@ -31,7 +30,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.errors import ConfigError, require_unique
-from tasks.stage import Stage, StageContext, StageResult
+from tasks.digest import listed_digest, listing_digest
+from tasks.stage import DIGESTED, Stage, StageContext, StageResult
+from tasks.store import is_remote
 
 DOCUMENT_SCHEMA = pa.schema(
     [
@@ -61,7 +62,9 @@ class Source(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="short unique name; prefixes every id")
-    path: str = Field(..., description="file, glob (`data/**/*.jsonl`) or URI (`s3://bucket/web/*.parquet`)")
+    path: str = Field(
+        ..., description="file, glob (`data/**/*.jsonl`) or URI (`s3://bucket/web/*.parquet`)", json_schema_extra=DIGESTED
+    )
     format: Literal["jsonl", "parquet", "text", "html", "warc"] = Field(
         "jsonl", description="html: one web page per file; warc: the HTML responses of a web crawl"
     )
@@ -105,7 +108,7 @@ def _glob_base(pattern: str) -> str:
 def list_source_files(source: Source) -> tuple[str, list[pafs.FileInfo]]:
     """Files of a source as (base dir, infos), sorted so ids and shard numbers are stable."""
     pattern = source.path
-    if "://" in pattern and not pattern.startswith("file://"):
+    if is_remote(pattern):
         fs, path = pafs.FileSystem.from_uri(pattern)
         base = _glob_base(path)
         if base == path:
@@ -139,13 +142,23 @@ def source_files(cfg: IngestConfig) -> list[tuple[int, str, list[pafs.FileInfo]]
     return listed
 
 
+def relative_name(path: str, base: str) -> str:
+    """A listed file's name under its source's base folder: what ids and quarantine rows call it."""
+    return os.path.relpath(path, base) if base else path
+
+
+def source_digest(pattern: str, base: str, files: list[pafs.FileInfo]) -> str:
+    """The files a source's ``pattern`` matched, by their names under its base folder (ids are made
+    of them) and their contents (``tasks/digest.py``): moving the whole tree or touching a file
+    changes nothing, renaming a file inside it does."""
+    remote = is_remote(pattern)
+    return listing_digest({relative_name(info.path, base): listed_digest(info, remote) for info in files})
+
+
 def inputs_digest(cfg: IngestConfig, _pipeline: Any) -> str:
-    """Ingest's output depends on the files themselves: their names, sizes and mtimes."""
-    digest = hashlib.sha256()
-    for i, _base, files in source_files(cfg):
-        for info in files:
-            digest.update(f"{i}\0{info.path}\0{info.size}\0{info.mtime_ns}\n".encode())
-    return digest.hexdigest()
+    """Ingest's output depends on each source's files, by name and content (the ``path`` setting
+    itself is left out of the fingerprint: the same files elsewhere give the same output)."""
+    return listing_digest({str(i): source_digest(cfg.sources[i].path, base, files) for i, base, files in source_files(cfg)})
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -441,7 +454,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg: IngestConfig = ctx.config
     tasks = []
     for i, base, files in source_files(cfg):
-        remote = "://" in cfg.sources[i].path and not cfg.sources[i].path.startswith("file://")
+        remote = is_remote(cfg.sources[i].path)
         for n, info in enumerate(files):
             tasks.append(
                 {
@@ -449,7 +462,7 @@ def run(ctx: StageContext) -> StageResult:
                     "file_index": n,
                     "path": info.path,
                     "fs_uri": cfg.sources[i].path if remote else None,
-                    "rel": os.path.relpath(info.path, base) if base else info.path,
+                    "rel": relative_name(info.path, base),
                 }
             )
     ctx.out.make("documents")

@@ -29,8 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 
 from models.tokenizer import MIN_VOCAB_SIZE, bytes_per_token, load_tokenizer, save_tokenizer, train_tokenizer
+from tasks.digest import folder_digest
 from tasks.errors import ConfigError, StageError
-from tasks.stage import Manifest, Stage, StageContext, StageResult
+from tasks.stage import DIGESTED, Manifest, Stage, StageContext, StageResult
 
 TOKENIZER_DIR = "tokenizer"
 SAMPLE_SALT = "tokenizer-sample"
@@ -52,7 +53,8 @@ class TokenizerConfig(BaseModel):
     )
     seed: int = Field(0, description="picks the sample")
     path: str | None = Field(
-        None, description="local folder of an existing Hugging Face tokenizer to use instead of training"
+        None, description="local folder of an existing Hugging Face tokenizer to use instead of training",
+        json_schema_extra=DIGESTED,
     )
     chat_template: Literal["keep", "crucible"] = Field(
         "keep", description="with `path`: keep its chat template if it has one, or install Crucible's"
@@ -161,17 +163,14 @@ def load_backend_tokenizer(uri: str) -> Tokenizer:
 
 
 def inputs_digest(cfg: TokenizerConfig, _pipeline: Any) -> str:
-    """With ``path``, the output depends on the files there: hash their names and contents."""
+    """With ``path``, the output depends on the files there: their names and contents, not where
+    the folder lies (``tasks/digest.py``)."""
     if cfg.path is None:
         return ""
     folder = Path(cfg.path).expanduser()
-    files = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
-    if not any(p.name == "tokenizer.json" for p in files):
+    if not (folder / "tokenizer.json").is_file():
         raise ConfigError("config", [("tokenizer.path", f"no tokenizer.json in '{cfg.path}'")])
-    digest = hashlib.sha256()
-    for p in files:
-        digest.update(p.name.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
-    return digest.hexdigest()
+    return folder_digest(folder)
 
 
 # ---------------------------------------------------------------------------------- stage

@@ -46,7 +46,7 @@ from tasks.eval.sandbox import SandboxLimits
 from tasks.eval.suite import EvalSettings, SuiteOutput
 from tasks.eval.suites import SuiteConfig
 from tasks.feedback.votes import VoteStore
-from tasks.stage import Manifest, Stage, StageContext, StageResult
+from tasks.stage import DIGESTED, Manifest, Stage, StageContext, StageResult
 
 if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
     from tasks.eval.lm import ModelSpec
@@ -64,7 +64,9 @@ class BaselineModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="its column in the report card")
-    path: str = Field(..., description="local Hugging Face causal-LM folder (config.json, weights, tokenizer)")
+    path: str = Field(
+        ..., description="local Hugging Face causal-LM folder (config.json, weights, tokenizer)", json_schema_extra=DIGESTED
+    )
     chat: bool = Field(False, description="prompt it through its tokenizer's chat template")
 
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from tasks.errors import ConfigError
 from tasks.eval.elo import Game, elo_ratings, win_rates
 from tasks.eval.suite import EvalSettings, Row, SuiteBase, SuiteOutput, mean
+from tasks.stage import DIGESTED
 
 if TYPE_CHECKING:  # torch-heavy: imported where models run, not when configs load
     from tasks.eval.lm import LanguageModel
@@ -75,7 +76,7 @@ class RewardModelJudge(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["reward_model"] = "reward_model"
-    path: str = Field(..., description="reward-model folder (local Hugging Face format)")
+    path: str = Field(..., description="reward-model folder (local Hugging Face format)", json_schema_extra=DIGESTED)
 
     def describe(self) -> str:
         return f"reward model `{self.path}`"
@@ -105,8 +106,11 @@ class PrincipleJudgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["principle"] = "principle"
-    path: str = Field(..., description="the judge: any local Hugging Face causal-LM folder (its chat template when it has one)")
-    constitution: str = Field(..., description="constitution YAML (tasks/feedback/constitution.py)")
+    path: str = Field(
+        ..., description="the judge: any local Hugging Face causal-LM folder (its chat template when it has one)",
+        json_schema_extra=DIGESTED,
+    )
+    constitution: str = Field(..., description="constitution YAML (tasks/feedback/constitution.py)", json_schema_extra=DIGESTED)
     principles: list[str] = Field(default_factory=list, description="principles judged under (p averaged); empty: every one")
     tie_margin: float = Field(0.05, ge=0, lt=0.5, description="a tie when P(a better) is within this of 0.5")
 

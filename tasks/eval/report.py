@@ -115,10 +115,13 @@ def fetch_histories(uri: str, runs: dict[str, str]) -> dict[str, dict[str, list[
     """stage -> metric -> [(step, value)] for the metrics any panel shows; fail-soft (empty on outage)."""
     from mlflow import MlflowClient
 
+    from tasks.tracking import resolve_run
+
     histories: dict[str, dict[str, list[tuple[int, float]]]] = {}
     try:
         client = MlflowClient(tracking_uri=uri)
         for stage, run_id in runs.items():
+            run_id = resolve_run(uri, run_id)  # a run created after an outage
             keys = [k for k in client.get_run(run_id).data.metrics if any(p.search(k) for p in CURVE_PANELS.values())]
             histories[stage] = {
                 key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in sorted(keys)

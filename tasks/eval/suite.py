@@ -8,7 +8,6 @@ line, because a silently skipped test item changes the score.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -17,8 +16,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.digest import file_digest
 from tasks.errors import ConfigError
 from tasks.eval.sandbox import SandboxLimits
+from tasks.stage import DIGESTED
 
 if TYPE_CHECKING:
     from tasks.eval.lm import LanguageModel
@@ -55,7 +56,7 @@ class SuiteBase(BaseModel, ABC):
     row_model: ClassVar[type[Row]] = Row
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="unique name; prefixes its metrics")
-    path: str = Field(..., description="JSONL file of rows in this kind's format")
+    path: str = Field(..., description="JSONL file of rows in this kind's format", json_schema_extra=DIGESTED)
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
 
     def read_rows(self) -> list[Row]:
@@ -84,9 +85,9 @@ class SuiteBase(BaseModel, ABC):
         return rows
 
     def digest(self) -> str:
-        """Hash of the file's bytes: a changed test set must change the stage's fingerprint."""
-        path = Path(self.path).expanduser()
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        """The file's content digest: a changed test set must change the stage's fingerprint, the
+        same set at another path must not. ``read_rows`` has checked that the file exists."""
+        return file_digest(Path(self.path).expanduser())
 
     @abstractmethod
     def evaluate(self, lm: LanguageModel, rows: list[Any], settings: EvalSettings) -> SuiteOutput:

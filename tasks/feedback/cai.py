@@ -48,7 +48,9 @@ class FeedbackConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    constitution: str = Field(..., description="YAML file of principles (critique, revision, comparison)")
+    constitution: str = Field(
+        ..., description="YAML file of principles (critique, revision, comparison)", json_schema_extra=DIGESTED
+    )
     prompts: list[ChatSource] = Field(..., min_length=1, description="prompt rows (`{\"prompt\": …}`): red-team and ordinary requests")
     agreement: list[ChatSource] = Field(
         default_factory=list, description="preference pairs whose right answer is known: the judge's agreement rate on them"

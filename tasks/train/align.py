@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.stage import Stage, StageContext, StageResult
+from tasks.tracking import Registration
 from tasks.train.post_config import PostTrainConfig, data_stages, inputs_digest
 from tasks.train.rewards import VERIFIERS
 
@@ -163,14 +164,14 @@ def run(ctx: StageContext) -> StageResult:
     if val is not None:
         metrics.update(measure(final))
         ctx.log.log_metrics({k: v for k, v in metrics.items() if k.startswith("heldout/")})
-    registered, version = publish_model(ctx, cfg)
+    registration = publish_model(ctx, cfg)
     return StageResult(
         rows=data.counts["train_examples"], counts=data.counts, metrics=metrics,
-        report=_report(cfg, data.counts, metrics, registered, version),
+        report=_report(cfg, data.counts, metrics, registration),
     )
 
 
-def _report(cfg: AlignConfig, counts: dict[str, int], metrics: dict[str, float], registered: str, version: str | None) -> str:
+def _report(cfg: AlignConfig, counts: dict[str, int], metrics: dict[str, float], registration: Registration) -> str:
     what = {"dpo": "pairs", "sft": "conversations"}.get(cfg.method, "prompts")
     lines = [f"**{cfg.method.upper()}** on {counts['train_examples']} {what} for {cfg.steps} steps; "
              f"**{counts['quarantined']}** quarantined (see `quarantine/`)."]
@@ -178,8 +179,7 @@ def _report(cfg: AlignConfig, counts: dict[str, int], metrics: dict[str, float],
     if held:
         rows = "\n".join(f"| {k.removeprefix('heldout/')} | {metrics[k + '_sft']:.4g} | {metrics.get(k, float('nan')):.4g} |" for k in held)
         lines.append(f"\nHeld-out split ({counts['validation_examples']} {what}):\n\n| metric | SFT | aligned |\n|---|---|---|\n{rows}")
-    if version:
-        lines.append(f"\nRegistered as MLflow model **{registered}** version {version} (alias `{cfg.alias}`).")
+    lines.append("\n" + registration.line())
     return "\n".join(lines) + "\n"
 
 

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.data.chat_data import DataSource, StageSource
 from tasks.data.filters.decontam import DecontaminationConfig, eval_files_digest
-from tasks.data.ingest import list_source_files
-from tasks.digest import file_digest, folder_digest
+from tasks.data.ingest import list_source_files, source_digest
+from tasks.digest import file_digest, folder_digest, listing_digest
 from tasks.errors import ConfigError
 from tasks.stage import DIGESTED
 from tasks.train.settings import TrainConfig
@@ -61,7 +61,8 @@ class PostTrainConfig(TrainConfig):
     chat_template: str = Field(
         "keep",
         description="`keep` the checkpoint's chat template, `crucible` (Crucible's, adds its role tokens), "
-        "or a Jinja template: the text itself or the path of a file holding it",
+        "or a Jinja template: the text itself or the path of a file holding it (fingerprinted by content)",
+        json_schema_extra=DIGESTED,
     )
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
     decontamination: DecontaminationConfig | None = Field(
@@ -70,30 +71,28 @@ class PostTrainConfig(TrainConfig):
 
 
 def sources_digest(sources: list[DataSource], where: str, problems: list[tuple[str, str]]) -> str:
-    """A digest of the files the sources match, by content for local files (size and mtime on object
-    stores); a source that matches nothing is added to ``problems``. A stage's output counts by its
-    fingerprint (an upstream of the section), so it is skipped here."""
-    digest = hashlib.sha256()
+    """A digest of the files the sources match, by name and content as ingest digests its sources
+    (example ids are made of the names); a source that matches nothing is added to ``problems``.
+    A stage's output counts by its fingerprint (an upstream of the section), so it is skipped here."""
+    parts = {}
     for i, source in enumerate(sources):
         if isinstance(source, StageSource):
             continue
         try:
-            _base, files = list_source_files(source)  # type: ignore[arg-type]
+            base, files = list_source_files(source)  # type: ignore[arg-type]
         except (OSError, ValueError) as exc:
             problems.append((f"{where}[{i}].path", f"cannot read '{source.path}': {exc}"))
             continue
         if not files:
             problems.append((f"{where}[{i}].path", f"no files match '{source.path}'"))
-        for info in files:
-            local = "://" not in source.path or source.path.startswith("file://")
-            content = file_digest(info.path) if local else f"{info.path}\0{info.size}\0{info.mtime_ns}"
-            digest.update(f"{i}\0{content}\n".encode())
-    return digest.hexdigest()
+        parts[str(i)] = source_digest(source.path, base, files)
+    return listing_digest(parts)
 
 
 def inputs_digest(cfg: PostTrainConfig, stage: str) -> str:
     """The output depends on the data files, on ``init_from`` (a model folder outside the store)
-    and on a chat-template file: hash their contents. Sources that match nothing are config errors."""
+    and on the chat template (a keyword, Jinja text or a file): hash their contents, never their
+    paths. Sources that match nothing are config errors."""
     digest = hashlib.sha256()
     problems: list[tuple[str, str]] = []
     for field, sources in (("data", cfg.data), ("validation", cfg.validation)):
@@ -110,8 +109,7 @@ def inputs_digest(cfg: PostTrainConfig, stage: str) -> str:
         except ConfigError as exc:
             problems.extend(exc.problems)
     template = chat_template_file(cfg.chat_template)
-    if template is not None:
-        digest.update(f"chat_template\0{file_digest(template)}\n".encode())
+    digest.update(f"chat_template\0{file_digest(template) if template else cfg.chat_template}\n".encode())
     if problems:
         raise ConfigError("config", problems)
     return digest.hexdigest()

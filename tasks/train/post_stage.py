@@ -17,7 +17,8 @@ torch and transformers, so the stages import it from their ``run``.
 - ``on_worker``: a one-off function (held-out evaluation) on the resources of one training
   worker, so a GPU cluster evaluates on a GPU.
 - ``publish_model``: an MLflow model version pointing at ``model/``, with the stage's alias
-  (``tasks/train/publish.py``; fail-soft), and one for ``adapter/`` when the stage trained LoRA.
+  (``RunLogger.register_model``: buffered through an MLflow outage), and one for ``adapter/``
+  when the stage trained LoRA.
 - ``start_model`` / ``stage_tokenizer`` / ``with_lora``: where a stage starts (its ``init_from``
   checkpoint, else its upstream stage's model), that checkpoint's tokenizer and chat template,
   and the model to train (LoRA adapters on it when the config asks).
@@ -45,13 +46,13 @@ from tasks.data.chat_data import ChatSource, DataSource, Example, StageSource, i
 from tasks.data.filters.decontam import build_index
 from tasks.errors import ConfigError, StageError
 from tasks.stage import Manifest, StageContext
+from tasks.tracking import Registration
 from tasks.train.data import ExampleSource
 from tasks.train.lora import add_lora
 from tasks.train.loop import TrainJob, run_training
 from tasks.train.objectives import Objective
 from tasks.train.post_config import LoraSettings, PostTrainConfig, chat_template_text
 from tasks.train.post_data import TooLong, write_examples
-from tasks.train.publish import register_model
 from tasks.train.settings import TrainConfig
 
 MODEL_DIR = "model"
@@ -307,18 +308,14 @@ def on_worker(cfg: TrainConfig, fn: Callable[..., R], *args: Any) -> R:
     return ray.get(ray.remote(**options)(fn).remote(*args))
 
 
-def publish_model(ctx: StageContext, cfg: PostTrainConfig, default_name: str | None = None) -> tuple[str, str | None]:
-    """Register the stage's ``model/`` folder in MLflow under ``cfg.alias`` (fail-soft).
-
-    Returns (registered model name, version or None when tracking is off or unreachable).
-    """
+def publish_model(ctx: StageContext, cfg: PostTrainConfig, default_name: str | None = None) -> Registration:
+    """Register the stage's ``model/`` folder in MLflow under ``cfg.alias`` (while MLflow is
+    away the registration waits in the run's buffer and happens when the server returns)."""
     name = cfg.registered_model or default_name or ctx.pipeline.name
-    if ctx.run_id is None:
-        return name, None
     tags = {"crucible.stage": ctx.name, "crucible.fingerprint": ctx.out.root.rsplit("/", 1)[-1]}
     if cfg.lora is not None:  # the adapters alone, as a model of their own beside the merged one
-        register_model(ctx.log.uri, ctx.run_id, f"{name}-adapter", _source(ctx, ADAPTER_DIR), cfg.alias, tags)
-    return name, register_model(ctx.log.uri, ctx.run_id, name, _source(ctx, MODEL_DIR), cfg.alias, tags)
+        ctx.log.register_model(f"{name}-adapter", _source(ctx, ADAPTER_DIR), cfg.alias, tags)
+    return ctx.log.register_model(name, _source(ctx, MODEL_DIR), cfg.alias, tags)
 
 
 def _source(ctx: StageContext, folder: str) -> str:

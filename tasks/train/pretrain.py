@@ -27,7 +27,7 @@ from tasks.data.tokenize import TokenIndex, load_token_shards, read_token_index
 from tasks.data.tokenizer import tokenizer_uri
 from tasks.errors import ConfigError
 from tasks.stage import Stage, StageContext, StageResult
-from tasks.train.publish import register_model
+from tasks.tracking import Registration
 from tasks.train.settings import TrainConfig
 
 MODEL_DIR = "model"
@@ -92,12 +92,11 @@ def _model_uri(ctx: StageContext) -> str:
     return Path(path).as_uri() if ctx.out.is_local else f"{ctx.out.uri}/{MODEL_DIR}"
 
 
-def _report(cfg: PretrainConfig, params: int, summary: dict[str, float], version: str | None, name: str) -> str:
+def _report(cfg: PretrainConfig, params: int, summary: dict[str, float], registration: Registration) -> str:
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in summary.items())
-    registry = f"MLflow model **{name}** version {version} (alias `{cfg.alias}`)" if version else "not registered in MLflow"
     return (
         f"Pretrained a **{cfg.preset}** model ({params / 1e6:.2f}M parameters) for {cfg.steps} steps on "
-        f"{cfg.num_workers} worker(s), strategy `{cfg.strategy.kind}`; exported to `{MODEL_DIR}/`, {registry}.\n\n"
+        f"{cfg.num_workers} worker(s), strategy `{cfg.strategy.kind}`; exported to `{MODEL_DIR}/`. {registration.line()}\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n"
     )
 
@@ -144,14 +143,13 @@ def run(ctx: StageContext) -> StageResult:
             "val_unigram_entropy": load_token_shards(tokens, "val").unigram_entropy(index.vocab_size),
         }
     name = cfg.registered_model or ctx.pipeline.name
-    version = register_model(
-        ctx.log.uri, ctx.run_id, name, _model_uri(ctx), cfg.alias,
-        {"crucible.stage": ctx.name, "crucible.fingerprint": ctx.out.root.rsplit("/", 1)[-1]},
+    registration = ctx.log.register_model(
+        name, _model_uri(ctx), cfg.alias, {"crucible.stage": ctx.name, "crucible.fingerprint": ctx.out.root.rsplit("/", 1)[-1]},
     )
     return StageResult(
         tokens=int(final["train/tokens_seen"]),
         metrics=summary,
-        report=_report(cfg, params, summary, version, name),
+        report=_report(cfg, params, summary, registration),
     )
 
 

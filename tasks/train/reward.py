@@ -64,7 +64,7 @@ def run(ctx: StageContext) -> StageResult:
     if val is not None:
         metrics.update(on_worker(cfg, pairwise_metrics, final, pad, val, cfg.batch_size))
         ctx.log.log_metrics({k: v for k, v in metrics.items() if k.startswith("heldout/")})
-    registered, version = publish_model(ctx, cfg, default_name=f"{ctx.pipeline.name}-reward")
+    registration = publish_model(ctx, cfg, default_name=f"{ctx.pipeline.name}-reward")
 
     report = [f"Reward model from `{start}` trained on **{data.counts['train_examples']}** pairs; "
               f"**{data.counts['quarantined']}** quarantined (see `quarantine/`)."]
@@ -73,8 +73,7 @@ def run(ctx: StageContext) -> StageResult:
             f"\nHeld-out pairwise accuracy **{metrics['heldout/accuracy']:.3f}**, mean reward gap "
             f"**{metrics['heldout/reward_gap']:.3f}** ({data.counts['validation_examples']} pairs)."
         )
-    if version:
-        report.append(f"\nRegistered as MLflow model **{registered}** version {version} (alias `{cfg.alias}`).")
+    report.append("\n" + registration.line())
     return StageResult(rows=data.counts["train_examples"], counts=data.counts, metrics=metrics, report="\n".join(report) + "\n")
 
 

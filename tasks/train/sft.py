@@ -79,7 +79,7 @@ def run(ctx: StageContext) -> StageResult:
         ctx.log.log_text(lines, "samples.jsonl")
         samples_md = "\n".join(f"| {_cell(s['prompt'])} | {_cell(s['reply'])} | {_cell(s['reference'])} |" for s in samples)
     ctx.log.log_metrics({k: v for k, v in metrics.items() if k.startswith("heldout/")})
-    registered, version = publish_model(ctx, cfg)
+    registration = publish_model(ctx, cfg)
 
     layout = f"packed into {data.counts['train_rows']} rows" if cfg.packing else "one per row"
     report = [f"SFT from `{start}` on **{data.counts['train_examples']}** conversations ({layout}); "
@@ -89,8 +89,7 @@ def run(ctx: StageContext) -> StageResult:
             f"\nHeld-out assistant-token loss: **{metrics['heldout/loss_init']:.3f}** before, "
             f"**{metrics['heldout/loss']:.3f}** after ({data.counts['validation_examples']} conversations)."
         )
-    if version:
-        report.append(f"\nRegistered as MLflow model **{registered}** version {version} (alias `{cfg.alias}`).")
+    report.append("\n" + registration.line())
     if samples_md:
         report.append("\n| prompt | reply | reference |\n|---|---|---|\n" + samples_md)
     return StageResult(rows=data.counts["train_examples"], counts=data.counts, metrics=metrics, report="\n".join(report) + "\n")

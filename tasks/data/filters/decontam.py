@@ -20,7 +20,10 @@ import numpy as np
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.digest import listed_digest, listing_digest
 from tasks.errors import ConfigError
+from tasks.stage import DIGESTED
+from tasks.store import is_remote
 
 _WORD = re.compile(r"\w+")
 _MULTIPLIER = np.uint64(0x100000001B3)
@@ -31,7 +34,7 @@ class EvalFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(..., description="JSONL file (local path or URI)")
+    path: str = Field(..., description="JSONL file (local path or URI)", json_schema_extra=DIGESTED)
     text_fields: list[str] = Field(["text"], min_length=1, description="fields holding text (strings or lists of strings)")
 
 
@@ -83,7 +86,7 @@ class EvalIndex:
 
 
 def _open(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path and not path.startswith("file://"):
+    if is_remote(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), path.removeprefix("file://")
 
@@ -129,12 +132,13 @@ def build_index(cfg: DecontaminationConfig, field: str = "filter.decontamination
 
 
 def eval_files_digest(cfg: DecontaminationConfig, field: str = "filter.decontamination") -> str:
-    """The output depends on the evaluation files' contents: digest their paths, sizes and mtimes."""
-    digest = hashlib.sha256()
+    """The output depends on the evaluation files' contents (``tasks/digest.py``), not on their
+    names or where they lie: only their texts go into the index."""
+    parts = {}
     for i, spec in enumerate(cfg.files):
         fs, path = _open(spec.path)
         info = fs.get_file_info(path)
         if info.type != pafs.FileType.File:
             raise ConfigError("config", [(f"{field}.files[{i}].path", f"no such file '{spec.path}'")])
-        digest.update(f"{i}\0{spec.path}\0{info.size}\0{info.mtime_ns}\n".encode())
-    return digest.hexdigest()
+        parts[str(i)] = listed_digest(info, is_remote(spec.path))
+    return listing_digest(parts)
