@@ -39,6 +39,10 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 POOL = "crucible"
 WORKER_NAME = "crucible-local"
 CRASH_DETECTION = PROJECT_DIR / "deployments" / "crash_detection.yaml"  # Prefect marks dead runs Crashed
+# How often flow runs beat, and how long without a beat before a run is marked Crashed (defaults:
+# 30 s and the automation file's 120 s). Shorter windows catch a dead run sooner; the window must
+# hold at least two beats, or a live run would be marked Crashed between them.
+HEARTBEAT_S, CRASH_AFTER_S = "CRUCIBLE_HEARTBEAT_S", "CRUCIBLE_CRASH_AFTER_S"
 CRASH_DETECTION_NAME = "crash-silent-flow-runs"
 NODE2_RESOURCE = "crucible_node2"  # only the second Ray node has it: tests can place work there
 BIN = Path(sys.executable).parent  # prefect, mlflow and ray live beside this interpreter
@@ -190,10 +194,31 @@ def services(layout: Layout) -> list[Service]:
             [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--name", WORKER_NAME],
             lambda: _worker_online(client["PREFECT_API_URL"]),
             # The worker's flow runs inherit this: they reach Ray and MLflow, and run from the
-            # checkout; they beat every 30 s, which CRASH_DETECTION watches for.
-            {**prefect_env, **client, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"},
+            # checkout; they beat every $CRUCIBLE_HEARTBEAT_S, which CRASH_DETECTION watches for.
+            {**prefect_env, **client, "PREFECT_WORKER_QUERY_SECONDS": "2",
+             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(_heartbeat_s())},
         ),
     ]
+
+
+def _heartbeat_s() -> int:
+    return int(os.environ.get(HEARTBEAT_S, "30"))
+
+
+def _crash_detection(layout: Layout) -> Path:
+    """CRASH_DETECTION with its window from $CRUCIBLE_CRASH_AFTER_S, written beside the services' logs."""
+    import yaml
+
+    spec = yaml.safe_load(CRASH_DETECTION.read_text())
+    after = int(os.environ.get(CRASH_AFTER_S, spec["trigger"]["within"]))
+    if after < 2 * _heartbeat_s():
+        raise SystemExit(f"{CRASH_AFTER_S}={after} must be at least twice {HEARTBEAT_S}={_heartbeat_s()}")
+    spec["trigger"]["within"] = after
+    spec["description"] = f"Mark a Running flow run Crashed when it sends no heartbeat for {after} s"
+    spec["actions"][0]["message"] = f"no heartbeat for {after} s: its process is gone"
+    path = layout.root / CRASH_DETECTION.name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
 
 
 def _ray_nodes_alive(address: str) -> int:
@@ -365,7 +390,7 @@ def up(layout: Layout) -> dict[str, str]:
     wait_ready(layout, prefect)
     _finish(_prefect(layout, "work-pool", "create", POOL, "--type", "process", "--overwrite"), layout)
     if CRASH_DETECTION_NAME not in _automation_names(env["PREFECT_API_URL"]):  # a restart keeps the server's
-        _finish(_prefect(layout, "automation", "create", "--from-file", str(CRASH_DETECTION)), layout)
+        _finish(_prefect(layout, "automation", "create", "--from-file", str(_crash_detection(layout))), layout)
     deploying = _prefect(layout, "deploy", "--all")
     launch(layout, worker)
     wait_ready(layout, mlflow)
