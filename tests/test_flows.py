@@ -1,5 +1,5 @@
 """Prefect: the pipeline flow, stage flows, artifacts, deployments (Prefect's test harness); on the chain it runs,
-`crucible trace`."""
+`crucible trace` and the stages' MLflow datasets."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_pipeline_flow_runs_the_whole_chain_then_skips(chain, capsys):
     assert printed.rstrip().endswith(card.rstrip()) and card.startswith("## Report card")
 
 
-# ------------------------------------------------------------------ crucible trace, on the chain's outputs
+# ------------------------------------------------------------------ crucible trace and MLflow datasets, on the chain's outputs
 
 
 def _trace(config: PipelineConfig, doc_id: str) -> dict:
@@ -189,6 +189,19 @@ def test_trace_finds_every_kept_documents_tokens_and_the_steps_that_read_them(ch
         else:
             assert trace["pretrain"].validation == sorted(validated & set(sequences))
     assert any(read[3] == 1 for reads in forward.values() for read in reads)  # the run wraps into a second epoch
+
+
+def test_each_stage_run_records_its_inputs_and_output_as_mlflow_datasets(chain):
+    tiny, first = chain
+    out = {o.stage: o.manifest for o in first}
+    client = MlflowClient(tracking_uri(tiny.tracking.uri))
+    for stage in ("dedup", "tokenize", "pretrain"):
+        logged = {
+            (d.dataset.name, d.dataset.digest, json.loads(d.dataset.source)["uri"], {t.key: t.value for t in d.tags}["mlflow.data.context"])
+            for d in client.get_run(out[stage].mlflow_run_id).inputs.dataset_inputs
+        }
+        read = {(up, fp, out[up].path, "input") for up, fp in out[stage].upstream.items()}
+        assert read and logged == read | {(stage, out[stage].fingerprint, out[stage].path, "output")}, stage
 
 
 def test_stage_flow_alone_and_rerun_flow(tiny, ray_session):
