@@ -1,4 +1,4 @@
-"""The ``crucible`` command: run the pipeline, report its state, list stages, write demo data."""
+"""The ``crucible`` command: run the pipeline, report its state, trace a document, list stages, write demo data."""
 
 from __future__ import annotations
 
@@ -79,6 +79,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in report["stages"]:
         size = f"{s['rows']} rows" if s["rows"] is not None else ""
         print(f"  {s['stage']:<10} {s['status']:<8} {s['fingerprint']}  {size:<14} {s['path']}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """One document's lineage (``tasks/trace.py``): each stage's verdict, then where its tokens lie
+    and which ``pretrain`` steps read them."""
+    from tasks.trace import trace_document
+
+    trace = trace_document(load_config(args.config), args.config, args.doc_id)
+    print(trace.model_dump_json(indent=2) if args.json else trace.text())
     return 0
 
 
@@ -185,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("config")
     status.add_argument("--json", action="store_true", help="machine-readable output (stable format)")
     status.set_defaults(fn=cmd_status)
+
+    trace = sub.add_parser("trace", help="one document's lineage: each stage's verdict, its token shard and offsets, the pretrain steps that read it")
+    trace.add_argument("config")
+    trace.add_argument("doc_id", metavar="DOC_ID", help="a document id, '{source}/{id}' (as in every stage's `id` column)")
+    trace.add_argument("--json", action="store_true", help="machine-readable output")
+    trace.set_defaults(fn=cmd_trace)
 
     stages = sub.add_parser("stages", help="list the stages in pipeline order")
     stages.set_defaults(fn=cmd_stages)

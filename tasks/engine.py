@@ -26,7 +26,7 @@ from tasks.ray_runtime import ensure_ray
 from tasks.registry import STAGE_ORDER, STAGES
 from tasks.stage import Manifest, StageContext, fingerprint_view
 from tasks.store import MANIFEST, StageDir, read_text
-from tasks.tracking import RunLogger, created_run, deliver_spool, git_commit, start_run, tracking_uri
+from tasks.tracking import RunLogger, StageDataset, created_run, deliver_spool, git_commit, start_run, tracking_uri
 
 try:
     CRUCIBLE_VERSION = version("crucible")
@@ -102,6 +102,20 @@ def _experiment(config: PipelineConfig) -> str:
     return config.tracking.experiment or config.name
 
 
+def _datasets(me: PlannedStage, planned: dict[str, PlannedStage]) -> list[StageDataset]:
+    """What the stage reads (its upstream stages' outputs) and writes, as MLflow datasets."""
+    read = [StageDataset(up, fp, planned[up].out.uri, "input") for up, fp in me.upstream.items()]
+    return [*read, StageDataset(me.name, me.fingerprint, me.out.uri, "output")]
+
+
+def _stage_log(config: PipelineConfig, me: PlannedStage, run_id: str, uri: str, datasets: list[StageDataset]) -> RunLogger:
+    """The logger of a stage's run, which starts with the stage's config and datasets."""
+    log = RunLogger(run_id, uri)
+    log.log_params(config.section(me.name).model_dump(mode="json"))
+    log.log_datasets(datasets)
+    return log
+
+
 def run_stage(
     config: PipelineConfig,
     name: str,
@@ -126,6 +140,7 @@ def run_stage(
         raise StageError(f"stage '{name}' is not configured: add a '{name}:' section to the config")
     me = planned[name]
     started = time.monotonic()
+    datasets = _datasets(me, planned)
 
     existing = None if force else me.manifest()
     if existing is None:
@@ -133,8 +148,8 @@ def run_stage(
         with StageLease(me.out, name, config.lease) as lease:
             existing = None if force else me.manifest()  # written by the run this one waited for
             if existing is None:
-                return _execute(config, me, inputs, parent_run_id, started, force, lease)
-    return _report_cached(config, me, existing, parent_run_id, started)
+                return _execute(config, me, inputs, datasets, parent_run_id, started, force, lease)
+    return _report_cached(config, me, existing, datasets, parent_run_id, started)
 
 
 def _upstream_manifests(name: str, planned: dict[str, PlannedStage], given: dict[str, Manifest]) -> dict[str, Manifest]:
@@ -156,15 +171,14 @@ def _upstream_manifests(name: str, planned: dict[str, PlannedStage], given: dict
 
 
 def _report_cached(
-    config: PipelineConfig, me: PlannedStage, existing: Manifest, parent_run_id: str | None, started: float
+    config: PipelineConfig, me: PlannedStage, existing: Manifest, datasets: list[StageDataset],
+    parent_run_id: str | None, started: float,
 ) -> StageOutcome:
     uri = tracking_uri(config.tracking.uri)
     run_id = start_run(uri, _experiment(config), me.name, parent_run_id, {
         **_stage_tags(me, "cached"), "crucible.produced_by": existing.mlflow_run_id,
     })
-    log = RunLogger(run_id, uri)
-    log.log_params(config.section(me.name).model_dump(mode="json"))
-    log.close()
+    _stage_log(config, me, run_id, uri, datasets).close()
     report = read_text(me.out.path("report.md")) if me.out.exists("report.md") else ""
     return StageOutcome(
         stage=me.name, state="cached", manifest=existing, duration_s=time.monotonic() - started,
@@ -176,6 +190,7 @@ def _execute(
     config: PipelineConfig,
     me: PlannedStage,
     inputs: dict[str, Manifest],
+    datasets: list[StageDataset],
     parent_run_id: str | None,
     started: float,
     force: bool,
@@ -188,8 +203,7 @@ def _execute(
         me.out.clear()
     me.out.make()
     run_id = start_run(uri, _experiment(config), name, parent_run_id, _stage_tags(me, "ran"))
-    log = RunLogger(run_id, uri)
-    log.log_params(config.section(name).model_dump(mode="json"))
+    log = _stage_log(config, me, run_id, uri, datasets)
     began = datetime.now(timezone.utc)
     try:
         ensure_ray(config.ray)

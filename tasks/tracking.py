@@ -21,10 +21,10 @@ import subprocess
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tasks.paths import state_dir
 
@@ -185,6 +185,10 @@ class RunLogger:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self._call({"kind": "dict", "data": data, "file": artifact_file})
 
+    def log_datasets(self, datasets: Sequence[StageDataset]) -> None:
+        """Record stage outputs this run read or wrote as MLflow dataset inputs (the UI's Dataset column)."""
+        self._call({"kind": "datasets", "datasets": [asdict(d) for d in datasets]})
+
     def register_model(self, name: str, source: str, alias: str, tags: Mapping[str, str]) -> Registration:
         """Register ``source`` as a version of model ``name`` from this run and point ``alias`` at it.
 
@@ -194,6 +198,17 @@ class RunLogger:
         record = {"kind": "register", "name": name, "source": source, "alias": alias, "tags": dict(tags)}
         version = self._call(record)
         return Registration(name, alias, version, pending=any(r is record for r in self._pending))
+
+
+@dataclass(frozen=True)
+class StageDataset:
+    """A stage output as an MLflow dataset: what ``mlflow.log_input`` records for a file dataset,
+    with the stage's output folder as its source and its fingerprint as its digest."""
+
+    name: str  # the stage
+    digest: str  # its fingerprint
+    source: str  # its output folder: a local path or an object-store URI
+    context: Literal["input", "output"]  # an upstream output the run read, or what it wrote
 
 
 @dataclass(frozen=True)
@@ -250,6 +265,8 @@ def _call_mlflow(uri: str, run_id: str, record: dict[str, Any]) -> Any:
         client.log_text(run_id, record["text"], record["file"])
     elif kind == "dict":
         client.log_dict(run_id, record["data"], record["file"])
+    elif kind == "datasets":
+        client.log_inputs(run_id, datasets=[_dataset_input(StageDataset(**d)) for d in record["datasets"]])
     elif kind == "end":
         client.set_terminated(run_id, status=record["status"], end_time=record.get("time"))
     elif kind == "register":
@@ -257,6 +274,19 @@ def _call_mlflow(uri: str, run_id: str, record: dict[str, Any]) -> Any:
     else:
         raise ValueError(f"unknown tracking record kind '{kind}'")
     return None
+
+
+def _dataset_input(dataset: StageDataset) -> Any:
+    """The ``DatasetInput`` ``mlflow.log_input`` would make for a file dataset at ``dataset.source``."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    scheme = dataset.source.split("://", 1)[0] if "://" in dataset.source else "file"
+    entity = Dataset(
+        name=dataset.name, digest=dataset.digest, source_type="local" if scheme == "file" else scheme,
+        source=json.dumps({"uri": dataset.source}),
+    )
+    return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, dataset.context)])
 
 
 def _register(client: Any, run_id: str, record: dict[str, Any]) -> str:

@@ -199,6 +199,7 @@ def _read(paths: list[str]) -> dict[str, dict]:
 
 def test_stage_redacts_counts_rejects_and_resumes(tmp_path, tmp_home, ray_session, pii_after_ingest):
     from tasks.engine import plan, run_pipeline, run_stage
+    from tasks.trace import trace_document
 
     config = _config(tmp_path, max_hits=3)
     outcomes = run_pipeline(config)
@@ -217,6 +218,11 @@ def test_stage_redacts_counts_rejects_and_resumes(tmp_path, tmp_home, ray_sessio
     assert dump["reason"] == pii.REJECT_REASON and (dump["pii_email"], dump["pii_credit_card"]) == (3, 1)
     assert "@" not in dump["text"]  # the audit trail holds no PII either
     assert kept["web/mail"]["source"] == "web" and kept["web/mail"]["domain"] == "web"
+    traced = {d: trace_document(config, "test", d).stages[-1] for d in ("web/dump", "web/mixed", "web/clean")}  # pii's id index
+    assert (traced["web/dump"].status, traced["web/dump"].reason) == ("removed", pii.REJECT_REASON)
+    assert traced["web/dump"].replaced == {"email": 3, "credit_card": 1}
+    assert traced["web/mixed"].replaced == {"phone": 1, "email": 1, "ip_address": 1} and traced["web/mixed"].status == "kept"
+    assert (traced["web/clean"].status, traced["web/clean"].replaced) == ("kept", {})
 
     assert manifest.rows == 4
     assert manifest.counts["rows_in"] == 5 and manifest.counts["removed.pii_excess"] == 1

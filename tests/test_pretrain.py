@@ -26,7 +26,7 @@ from tasks.stage import Manifest, StageContext
 from tasks.store import StageDir
 from tasks.tracking import RunLogger, start_run
 from tasks.train import pretrain
-from tasks.train.data import validation_rows
+from tasks.train.order import validation_rows
 from tasks.train.loop import FAULT_ENV
 from tasks.train.pretrain import PretrainConfig
 

@@ -19,6 +19,7 @@ from tasks.data.tokenizer import id_uniform
 from tasks.errors import StageError
 from tasks.stage import Manifest, StageContext
 from tasks.store import StageDir
+from tasks.trace import copy_location
 from tasks.tracking import RunLogger
 
 EOS = 1
@@ -279,6 +280,23 @@ def test_stage_mixes_packs_and_splits(corpus, ray_session):
     val_docs = _documents_in(corpus, tokenize.load_token_shards(out.root, "val"))
     assert max(Counter(d for d in train_docs if d.startswith("code/")).values()) >= 2
     assert len(train_docs) <= train.documents <= len(train_docs) + 1 + train.dropped_tokens
+
+    # ids/ (what crucible trace reads): every copy packed, where its tokens lie, found in the shards.
+    rows = pq.read_table(out.path("ids")).to_pylist()
+    spans = [r for r in rows if r["reason"] is None]
+    left_out = pq.read_table(out.path(tokenize.REJECTED)).select(["id", "split", "reason"]).to_pylist()
+    assert sorted((r["id"], r["split"], r["reason"]) for r in rows if r["reason"]) == sorted(tuple(r.values()) for r in left_out)
+    assert Counter(r["split"] for r in spans) == {"train": train.documents, "val": val.documents}
+    whole = Counter(r["id"] for r in spans if r["split"] == "train" and r["start"] + r["length"] <= train.tokens)
+    assert whole == Counter(train_docs)
+    shards = set()
+    for r in spans[:: max(1, len(spans) // 100)] + [r for r in spans if r["copy"] > 0][:20]:  # and repeats
+        where = copy_location(r["copy"], r["start"], r["length"], 64, index.splits[r["split"]])
+        tokens = [t for p in where.pieces for t in np.load(out.path(p.shard))[p.row][p.offset : p.offset + p.tokens].tolist()]
+        expected = corpus["tok"](corpus["rows"][r["id"]]["text"])["input_ids"] + [corpus["tok"].eos_token_id]
+        assert tokens == expected[: len(tokens)] and len(tokens) + where.dropped == len(expected) == r["length"]
+        shards |= {p.shard for p in where.pieces}
+    assert len(shards) > 2  # the validation shard and several training shards
 
     # Validation: chosen by id hash, disjoint by document, never repeated, nothing else lost.
     ids = list(corpus["rows"])

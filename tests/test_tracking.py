@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -196,5 +197,9 @@ def test_a_stage_run_through_an_outage_is_tracked_and_its_model_registered_after
     assert stage_run.data.metrics["loss"] == 1.5 and stage_run.data.metrics["quality"] == 0.5
     assert stage_run.data.params["row_group_rows"] == str(config.ingest.row_group_rows)
     assert MlflowClient(db).get_model_version_by_alias("tiny", "ingest").run_id == stage_run.info.run_id
+    [output] = stage_run.inputs.dataset_inputs  # the stage's output as an MLflow dataset, delivered after the outage too
+    assert (output.dataset.name, output.dataset.digest) == ("ingest", outcome.manifest.fingerprint)
+    assert json.loads(output.dataset.source) == {"uri": outcome.manifest.path} and output.dataset.source_type == "local"
+    assert [(t.key, t.value) for t in output.tags] == [("mlflow.data.context", "output")]
     parent = MlflowClient(db).get_run(stage_run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["crucible.kind"] == "pipeline" and parent.info.status == "FINISHED"

@@ -24,7 +24,15 @@ from models.flops import matmul_parameter_count, parameter_count, training_flops
 from models.presets import PRESETS, build_model, model_config
 from tasks.data.tokenize import TokenShards
 from tasks.tracking import RunLogger, start_run
-from tasks.train.data import GlobalOrder, PackedSequences, micro_batch_position, validation_indices, validation_rows
+from tasks.train.data import PackedSequences
+from tasks.train.order import (
+    GlobalOrder,
+    micro_batch_of,
+    micro_batch_position,
+    positions_of,
+    validation_indices,
+    validation_rows,
+)
 from tasks.train.loop import FAULT_ENV, TrainJob, run_training
 from tasks.train.objectives import NextToken
 from tasks.train.optim import warmup_cosine
@@ -90,6 +98,23 @@ def test_global_order_shards_batches_without_overlap_and_resumes_anywhere():
             )
         )
         assert positions == list(range(step * 12, (step + 1) * 12))
+
+
+def test_positions_of_and_micro_batch_of_invert_the_loops_reads():
+    """Which step, worker and micro-batch read a row, found backwards, is what reading forwards
+    (as ``_train_step`` takes batches) finds, over three epochs of wrap-around."""
+    order, world, batch, accum, steps = GlobalOrder(50, seed=3), 2, 3, 2, 12  # 144 reads of 50 rows
+    forward = sorted(
+        (step, micro, rank, int(row))
+        for step in range(steps) for micro in range(accum) for rank in range(world)
+        for row in order.take(micro_batch_position(step, micro, rank, world=world, batch_size=batch, grad_accum=accum), batch)
+        if row in (4, 31)
+    )
+    positions, rows = positions_of(order, np.array([31, 4]), steps * world * batch * accum)
+    step, micro, rank = micro_batch_of(positions, world=world, batch_size=batch, grad_accum=accum)
+    assert sorted(zip(step.tolist(), micro.tolist(), rank.tolist(), rows.tolist())) == forward
+    assert np.all(np.diff(positions) > 0) and rows.tolist().count(4) == 3  # once in each epoch it reaches …
+    assert rows.tolist().count(31) == 2  # … and row 31's slot in the third epoch comes after the last step
 
 
 def test_validation_is_split_evenly_across_ranks():

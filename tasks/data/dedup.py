@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.data.clusters import spanning_forest
 from tasks.data.filter import upstream_documents
+from tasks.data.id_index import GROUP_ROWS
 from tasks.data.minhash import (
     MinHasher,
     candidate_probability,
@@ -498,8 +499,6 @@ class Deduplicator:
         Each pair is owned by a partition chosen from its first document; both documents are sent
         there (``route_documents``), so one groupby brings every pair's two texts together.
         """
-        import ray
-
         cfg = self.cfg
         ids = pc.unique(pa.concat_arrays([candidates["a"].combine_chunks(), candidates["b"].combine_chunks()]))
         ids = ids.take(pc.sort_indices(ids))
@@ -527,7 +526,8 @@ class Deduplicator:
         returns the number of documents kept."""
         import ray
 
-        pq.write_table(duplicates, self.out.path("duplicates.parquet"), filesystem=self.out.fs)
+        # sorted by id in small row groups: a lookup by id (``crucible trace``) reads one of them
+        pq.write_table(duplicates, self.out.path("duplicates.parquet"), filesystem=self.out.fs, row_group_size=GROUP_ROWS)
         if not self.paths:
             return 0
         reason = pc.if_else(pc.equal(duplicates["method"], "exact"), REASONS["exact"], REASONS["minhash"])

@@ -11,7 +11,9 @@ units, each actor reads its row group in Arrow batches and writes
 ``documents/{shard}-rg{n}.parquet`` (and its ``rejected/`` twin) under a temporary name, then
 renames it. Memory per worker is one batch whatever the corpus size, shard names are
 deterministic, and a rerun after a crash reuses every finished shard (its counts live in the
-shard's Parquet metadata).
+shard's Parquet metadata). Last, the driver writes ``ids/`` (``tasks/data/id_index.py``): the id,
+reason and shard of every removed document, which ``crucible trace`` looks documents up in (a
+document ingest read that is not there was kept).
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from tasks.data.filters.batch import REASON_FIELD, DocumentFilter, output_schema
 from tasks.data.filters.decontam import DecontaminationConfig, EvalIndex, build_index, eval_files_digest
 from tasks.data.filters.rules import RuleSet, resolve_rules
+from tasks.data.id_index import constant, shard_tables, write_id_index
 from tasks.stage import Manifest, Stage, StageContext, StageResult
 from tasks.store import StageDir
 
 STATS_KEY = b"crucible.filter_stats"
 SAMPLE_CHARS = 2000
+ID_INDEX_SCHEMA = pa.schema([("id", pa.string()), REASON_FIELD, ("shard", pa.dictionary(pa.int32(), pa.string()))])
 
 
 class FilterConfig(BaseModel):
@@ -289,6 +293,12 @@ def collect_samples(out: StageDir, per_reason: int, wanted: Counter[str]) -> lis
     return [row for reason in sorted(taken) for row in taken[reason]]
 
 
+def _id_index(out: StageDir) -> pa.Table:
+    """Every removed document's id, reason and ``rejected/`` shard."""
+    parts = [ids.append_column("shard", constant(shard, len(ids))) for shard, ids in shard_tables(out, "rejected", ["id", "reason"])]
+    return pa.concat_tables(parts) if parts else ID_INDEX_SCHEMA.empty_table()
+
+
 def run(ctx: StageContext) -> StageResult:
     import ray
 
@@ -318,6 +328,7 @@ def run(ctx: StageContext) -> StageResult:
             totals.add(json.loads(row["stats"]))
     seconds = time.monotonic() - started
 
+    write_id_index(ctx.out, _id_index(ctx.out))
     samples = collect_samples(ctx.out, cfg.samples_per_reason, totals.reasons)
     body = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
     ctx.out.write_bytes_atomic("samples/removed.jsonl", body.encode())
@@ -327,4 +338,4 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-STAGE = Stage(name="filter", upstream=("ingest",), version="2", run=run, inputs=inputs_digest)
+STAGE = Stage(name="filter", upstream=("ingest",), version="3", run=run, inputs=inputs_digest)

@@ -6,7 +6,8 @@ missing/empty/non-string text, a repeated id, a web page with no main text) go t
 with the file, the line (or WARC record) and the error: they are counted and reported, never
 fatal, and never take a valid row with them. WARC records that are not 2xx HTML responses are
 skipped and counted. Shards are written atomically, so a rerun after a crash reuses every
-finished shard.
+finished shard. Last, the driver writes ``ids/`` (``tasks/data/id_index.py``): each document's id,
+the input file it came from and its shard, which ``crucible trace`` looks documents up in.
 
 Web pages (``format: html``, ``format: warc``, or ``html: true`` on a jsonl/parquet text field) keep
 trafilatura's main-content extraction, in the Ray task that reads the file, like every format.
@@ -29,10 +30,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.data.id_index import constant, shard_tables, write_id_index
 from tasks.errors import ConfigError, require_unique
 from tasks.digest import listed_digest, listing_digest
 from tasks.stage import DIGESTED, Stage, StageContext, StageResult
-from tasks.store import is_remote
+from tasks.store import StageDir, is_remote
 
 DOCUMENT_SCHEMA = pa.schema(
     [
@@ -46,6 +48,9 @@ DOCUMENT_SCHEMA = pa.schema(
 )
 QUARANTINE_SCHEMA = pa.schema(
     [("source", pa.string()), ("file", pa.string()), ("line", pa.int64()), ("error", pa.string()), ("raw", pa.string())]
+)
+ID_INDEX_SCHEMA = pa.schema(
+    [("id", pa.string()), ("file", pa.dictionary(pa.int32(), pa.string())), ("shard", pa.dictionary(pa.int32(), pa.string()))]
 )
 RAW_PREVIEW = 500
 BINARY_SNIFF = 8192  # leading bytes of a web page searched for NULs, which no text page holds
@@ -408,10 +413,15 @@ class _ShardWriter:
         return True
 
 
+def shard_name(source: str, file_index: int) -> str:
+    """The name of the shard (in ``documents/``, and ``quarantine/``) that the source's file number ``file_index`` becomes."""
+    return f"{source}-{file_index:05d}.parquet"
+
+
 def ingest_file(task: dict[str, Any], cfg: IngestConfig, out_root: str, fs: pafs.FileSystem) -> dict[str, Any]:
     """Ingest one file into its shard; reuse the shard if an earlier attempt finished it."""
     source = cfg.sources[task["source_index"]]
-    shard = f"{source.name}-{task['file_index']:05d}.parquet"
+    shard = shard_name(source.name, task["file_index"])
     docs_path = f"{out_root}/documents/{shard}"
     if fs.get_file_info(docs_path).type == pafs.FileType.File:
         meta = pq.read_metadata(docs_path, filesystem=fs).metadata or {}
@@ -491,7 +501,19 @@ def run(ctx: StageContext) -> StageResult:
         f"(see `quarantine/`); {skipped} WARC responses skipped (not 2xx HTML).\n\n"
         f"| source | files | documents | quarantined | skipped |\n|---|---|---|---|---|\n{table}\n"
     )
+    write_id_index(ctx.out, _id_index(ctx.out, {shard_name(cfg.sources[t["source_index"]].name, t["file_index"]): t["rel"] for t in tasks}))
     return StageResult(rows=rows, counts=counts, metrics={"quarantine_rate": quarantined / max(1, rows + quarantined)}, report=report)
 
 
-STAGE = Stage(name="ingest", upstream=(), version="1", run=run, inputs=inputs_digest)
+def _id_index(out: StageDir, files: dict[str, str]) -> pa.Table:
+    """Every document's shard and the input file it was read from (``files``: shard -> file),
+    for ``crucible trace``."""
+    parts = [
+        pa.table({"id": ids["id"], "file": constant(files[shard.removeprefix("documents/")], len(ids)),
+                  "shard": constant(shard, len(ids))})
+        for shard, ids in shard_tables(out, "documents", ["id"])
+    ]
+    return pa.concat_tables(parts) if parts else ID_INDEX_SCHEMA.empty_table()
+
+
+STAGE = Stage(name="ingest", upstream=(), version="2", run=run, inputs=inputs_digest)

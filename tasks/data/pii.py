@@ -9,6 +9,11 @@ shard, named after a hash of the batch's ids. Each document gains one count colu
 Resume: a shard that an earlier attempt finished is reused (its stats live in the Parquet
 metadata); shards left by an attempt that batched differently are removed at the end, so the
 output always holds every document exactly once.
+
+Last, the driver writes ``ids/`` (``tasks/data/id_index.py``): the id, shard, reason (null when
+kept) and per-kind counts of every document that had PII or was rejected, which ``crucible
+trace`` looks documents up in (a document that reached this stage and is not there was kept as it
+was).
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.data.id_index import constant, shard_tables, write_id_index
 from tasks.data.pii_detect import ALL_KINDS, PiiKind, RedactOptions, redact
 from tasks.stage import Stage, StageContext, StageResult
+from tasks.store import StageDir
 
 REJECT_REASON = "pii_excess"
 _STATS_KEY = b"crucible.pii_stats"
@@ -158,6 +165,24 @@ def _report(totals: dict[str, int], kinds: list[PiiKind], cfg: PiiConfig) -> str
     )
 
 
+def _id_index(out: StageDir, kinds: list[PiiKind]) -> pa.Table:
+    """Id, shard, reason and counts of the documents that had PII replaced or were rejected."""
+    counts = [count_column(kind) for kind in kinds]
+    schema = pa.schema(
+        [("id", pa.string()), ("shard", pa.dictionary(pa.int32(), pa.string())), ("reason", pa.string())]
+        + [(c, pa.int32()) for c in counts]
+    )
+    parts = [schema.empty_table()]
+    for folder, extra in (("documents", []), ("rejected", ["reason"])):
+        for shard, rows in shard_tables(out, folder, ["id", *counts, *extra]):
+            if not extra:
+                rows = rows.append_column("reason", pa.nulls(len(rows), pa.string()))
+            changed = pc.or_(pc.is_valid(rows["reason"]), pc.greater(pc.max_element_wise(*(rows[c] for c in counts)), 0))
+            rows = rows.filter(changed)
+            parts.append(rows.append_column("shard", constant(shard, len(rows))).select(schema.names).cast(schema))
+    return pa.concat_tables(parts)
+
+
 def run(ctx: StageContext) -> StageResult:
     import ray
 
@@ -184,6 +209,7 @@ def run(ctx: StageContext) -> StageResult:
         )
     seconds = time.monotonic() - started
     stale = _remove_stale_shards(fs, out_root, {row["shard"] for row in per_batch})
+    write_id_index(ctx.out, _id_index(ctx.out, cfg.kinds))
 
     totals: Counter[str] = Counter()
     for row in per_batch:
@@ -208,4 +234,4 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(rows=kept, counts=counts, metrics=metrics, report=_report(totals, cfg.kinds, cfg))
 
 
-STAGE = Stage(name="pii", upstream=("dedup",), version="2", run=run)
+STAGE = Stage(name="pii", upstream=("dedup",), version="3", run=run)

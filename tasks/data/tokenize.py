@@ -37,6 +37,7 @@ start or end inside a document, and the only tokens lost are the last ``len(stre
 **Output format** (what ``pretrain`` reads; ``load_token_shards`` does it for you)::
 
     index.json                    TokenIndex, below
+    ids/00000.parquet…            where each document's tokens lie (below)
     train/00000.npy, 00001.npy…   numpy .npy, 2-D [sequences, seq_len], C order, dtype from index.json
     val/00000.npy…                same (absent when val_fraction is 0)
 
@@ -50,6 +51,11 @@ files relative to the stage folder, in stream order), ``sequences``, ``tokens``
 per domain (``mix.domain``) and language (``mix.lang``, when ``lang_mix`` is set)
 ``{available, target, achieved}`` (available training tokens before mixing, target share or
 null, achieved share of packed training tokens); ``mix.budget`` (the training-token budget).
+
+``ids/`` (``tasks/data/id_index.py``, what ``crucible trace`` reads): one row per document copy in a
+split (``id``, ``split``, ``copy``, ``start``: the offset of its first token in the split's token
+stream, whose sequence ``i`` holds tokens ``i*seq_len … (i+1)*seq_len-1``, ``length``: its tokens
+with the EOS) and one per document left out (``id``, ``split``, ``reason``).
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.data.filter import _ShardWriter
 from tasks.data.filters.batch import REASON_FIELD
+from tasks.data.id_index import write_id_index
 from tasks.data.tokenizer import (
     filesystem_and_path,
     id_hashes,
@@ -91,6 +98,10 @@ MIX_TOLERANCE = 1e-6
 
 Cell = tuple[str, str]  # (domain, lang); lang is "" when languages are not mixed
 REJECTED = "rejected/00000.parquet"
+ID_INDEX_SCHEMA = pa.schema(
+    [("id", pa.string()), ("split", pa.string()), ("copy", pa.int32()), ("start", pa.int64()), ("length", pa.int32()),
+     ("reason", pa.string())]
+)
 REJECTED_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("domain", pa.string()), ("lang", pa.string()),
      ("split", pa.string()), REASON_FIELD]
@@ -417,10 +428,12 @@ class SequencePacker:
         self.pending: list[tuple[Cell, int]] = []  # cells of the buffered tokens, in order
         self.tokens: Counter[Cell] = Counter()
         self.documents = 0
+        self.appended = 0  # tokens in the split's stream so far: where the next document starts
 
     def add(self, stream: np.ndarray, lengths: np.ndarray, cells: list[Cell]) -> np.ndarray:
         """Append documents (``stream``: their tokens, EOS included, ``lengths`` of each); return full rows."""
         self.documents += len(cells)
+        self.appended += len(stream)
         stream = np.concatenate([self.buffer, stream])
         segments = self.pending + list(zip(cells, lengths.tolist()))
         cut = len(stream) // self.seq_len * self.seq_len
@@ -498,13 +511,14 @@ def _has_column(paths: list[str], column: str) -> bool:
 
 def _write_rejected(
     ctx: StageContext, tokenized: Any, rates: dict[Cell, float], cfg: TokenizeConfig
-) -> Counter[str]:
-    """Every document left out of the mix into ``rejected/`` (filter's shard writer); counts by reason."""
+) -> pa.Table:
+    """Every document left out of the mix into ``rejected/`` (filter's shard writer); returns their
+    ``id``, ``split`` and ``reason``."""
     ctx.out.make("rejected")
     writer = _ShardWriter(ctx.out.fs, ctx.out.path(REJECTED), REJECTED_SCHEMA)
     domains = sorted(_shares(cfg.mix)) if cfg.mix is not None else None
     langs = sorted(_shares(cfg.lang_mix)) if cfg.lang_mix is not None else None
-    reasons: Counter[str] = Counter()
+    left_out = [REJECTED_SCHEMA.empty_table().select(["id", "split", "reason"])]
     rejected = tokenized.select_columns(["id", "source", "domain", "lang", "val"]).map_batches(
         rejected_documents, batch_format="pyarrow",
         fn_kwargs={"rates": rates, "seed": cfg.seed, "domains": domains, "langs": langs},
@@ -512,9 +526,31 @@ def _write_rejected(
     for batch in rejected.iter_batches(batch_format="pyarrow", batch_size=None):
         if batch.num_rows:
             writer.write(batch)
-            reasons.update(batch.column("reason").to_pylist())
+            left_out.append(batch.select(["id", "split", "reason"]))
     writer.close(keep_empty=True)
-    return reasons
+    return pa.concat_tables(left_out)
+
+
+def _spans(part: pa.Table, split: str, first: int, lengths: np.ndarray) -> pa.Table:
+    """Id index rows of the document copies in ``part``, packed from stream offset ``first`` on."""
+    return pa.table({
+        "id": part.column("id"),
+        "split": pa.array([split] * len(part), pa.string()),
+        "copy": part.column("copy").cast(pa.int32()),
+        "start": pa.array(first + np.cumsum(lengths) - lengths, pa.int64()),
+        "length": pa.array(lengths, pa.int32()),
+    })
+
+
+def _id_index(spans: list[pa.Table], left_out: pa.Table) -> pa.Table:
+    """``ids/``: the spans of every packed copy, then the documents left out with their reason."""
+    rows = [t.append_column("reason", pa.nulls(len(t), pa.string())) for t in spans]
+    rows.append(pa.table({
+        "id": left_out["id"], "split": left_out["split"], "copy": pa.nulls(len(left_out), pa.int32()),
+        "start": pa.nulls(len(left_out), pa.int64()), "length": pa.nulls(len(left_out), pa.int32()),
+        "reason": left_out["reason"],
+    }))
+    return pa.concat_tables([ID_INDEX_SCHEMA.empty_table(), *(t.cast(ID_INDEX_SCHEMA) for t in rows)])
 
 
 def _training_tokens(tokenized: Any) -> Counter[Cell]:
@@ -589,15 +625,19 @@ def run(ctx: StageContext) -> StageResult:
     )
     available = _training_tokens(tokenized)
     rates, budget = plan_mix(available, cfg.mix, cfg.lang_mix, cfg.total_tokens)
-    rejected = _write_rejected(ctx, tokenized, rates, cfg)
+    left_out = _write_rejected(ctx, tokenized, rates, cfg)
 
     packers = {split: SequencePacker(cfg.seq_len) for split in SPLITS}
     writers = {split: ShardWriter(ctx.out, split, cfg.sequences_per_shard, dtype) for split in SPLITS}
+    spans: list[pa.Table] = []
     for batch in _ordered(tokenized, rates, cfg.seed):
         is_val = batch.column("val")
         for split, part in (("train", batch.filter(pc.invert(is_val))), ("val", batch.filter(is_val))):
             if len(part):
-                writers[split].add(packers[split].add(*document_stream(part, tokenizer.eos_token_id)))
+                stream, lengths, cells = document_stream(part, tokenizer.eos_token_id)
+                spans.append(_spans(part, split, packers[split].appended, lengths))
+                writers[split].add(packers[split].add(stream, lengths, cells))
+    write_id_index(ctx.out, _id_index(spans, left_out))
 
     splits: dict[str, SplitIndex] = {}
     for split in SPLITS:
@@ -634,7 +674,7 @@ def run(ctx: StageContext) -> StageResult:
     )
     ctx.out.write_bytes_atomic(INDEX, index.model_dump_json(indent=2).encode())
     ctx.log.log_dict(index.model_dump(mode="json"), INDEX)
-    return _result(index, rejected)
+    return _result(index, Counter(left_out["reason"].to_pylist()))
 
 
 def _result(index: TokenIndex, rejected: Counter[str] | None = None) -> StageResult:
@@ -676,4 +716,4 @@ def _result(index: TokenIndex, rejected: Counter[str] | None = None) -> StageRes
     return StageResult(rows=rows, tokens=tokens, counts=counts, metrics=metrics, report=report)
 
 
-STAGE = Stage(name="tokenize", upstream=("pii", "tokenizer"), version="2", run=run)
+STAGE = Stage(name="tokenize", upstream=("pii", "tokenizer"), version="3", run=run)

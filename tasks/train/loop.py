@@ -2,7 +2,7 @@
 
 ``run_training(job, storage)`` starts a ``TorchTrainer``: ``config.num_workers`` workers, each
 building the model, wrapping it in the configured strategy (DDP, DeepSpeed ZeRO, FSDP) and
-training on its slice of every global batch (``tasks/train/data.py``). What is optimised comes
+training on its slice of every global batch (``tasks/train/order.py``). What is optimised comes
 from the job's ``Objective``; everything else is here: AdamW with warm-up + cosine, gradient
 accumulation, clipping, precision, validation, metrics, checkpoints and export.
 
@@ -38,10 +38,11 @@ from transformers import PreTrainedModel
 from models.flops import mfu, training_flops_per_token
 from tasks.tracking import RunLogger
 from tasks.train.checkpoint import Progress, load_checkpoint, save_checkpoint, seed_everything
-from tasks.train.data import ExampleSource, GlobalOrder, micro_batch_position, validation_indices
+from tasks.train.data import ExampleSource
 from tasks.train.export import export_hf
 from tasks.train.metrics import Stopwatch, cost_usd, progress_line
 from tasks.train.objectives import Objective, ObjectiveOutput
+from tasks.train.order import GlobalOrder, micro_batch_position, validation_indices
 from tasks.train.settings import TrainConfig
 from tasks.train.strategies import Strategy, build_strategy
 
