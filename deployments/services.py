@@ -40,8 +40,8 @@ POOL = "crucible"
 WORKER_NAME = "crucible-local"
 CRASH_DETECTION = PROJECT_DIR / "deployments" / "crash_detection.yaml"  # Prefect marks dead runs Crashed
 # How often flow runs beat, and how long without a beat before a run is marked Crashed (defaults:
-# 30 s and the automation file's 120 s). Shorter windows catch a dead run sooner; the window must
-# hold at least two beats, or a live run would be marked Crashed between them.
+# 30 s, Prefect's shortest, and the automation file's 120 s). Shorter windows catch a dead run
+# sooner; the window must hold at least two beats, or a live run would be marked Crashed between them.
 HEARTBEAT_S, CRASH_AFTER_S = "CRUCIBLE_HEARTBEAT_S", "CRUCIBLE_CRASH_AFTER_S"
 CRASH_DETECTION_NAME = "crash-silent-flow-runs"
 NODE2_RESOURCE = "crucible_node2"  # only the second Ray node has it: tests can place work there

@@ -104,8 +104,7 @@ def svc() -> Iterator[Services]:
         "CRUCIBLE_PREFECT_PORT": str(_free_port()),
         "CRUCIBLE_MLFLOW_PORT": str(_free_port()),
         "CRUCIBLE_RAY_PORT": str(_free_port()),
-        "CRUCIBLE_HEARTBEAT_S": "5",  # a killed run is marked Crashed after 20 s, not 120
-        "CRUCIBLE_CRASH_AFTER_S": "20",
+        "CRUCIBLE_CRASH_AFTER_S": "60",  # a killed run is marked Crashed after 60 s, not 120 (two 30 s beats)
     }
     layout = Layout(home / "services", int(env["CRUCIBLE_PREFECT_PORT"]), int(env["CRUCIBLE_MLFLOW_PORT"]), int(env["CRUCIBLE_RAY_PORT"]))
     try:
