@@ -202,7 +202,10 @@ def services(layout: Layout) -> list[Service]:
 
 
 def _heartbeat_s() -> int:
-    return int(os.environ.get(HEARTBEAT_S, "30"))
+    beat = int(os.environ.get(HEARTBEAT_S, "30"))
+    if beat < 30:
+        raise SystemExit(f"{HEARTBEAT_S}={beat}: Prefect's flow runs beat every 30 s at the most often")
+    return beat
 
 
 def _crash_detection(layout: Layout) -> Path:
