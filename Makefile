@@ -1,6 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Both create .venv when missing.
 # `make services` / `make demo-on-services` / `make services-down`: the same pipeline against
-# a Prefect server + worker, an MLflow server and a 2-node Ray cluster on this machine.
+# a Prefect server + worker, an MLflow server, a 2-node Ray cluster and an S3 server on this machine.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -1,4 +1,5 @@
-"""Crucible's services on one machine: Prefect server + process worker, MLflow server, 2-node Ray.
+"""Crucible's services on one machine: Prefect server + process worker, MLflow server, 2-node Ray,
+an S3-compatible object store.
 
     python -m deployments.services up      # start what is not running, wait until it answers
     python -m deployments.services down    # stop everything this script started
@@ -10,7 +11,12 @@ Everything lives under ``$CRUCIBLE_HOME/services`` (default ``.crucible/services
 artifacts, Ray's session files. ``up`` is idempotent (a live pid is left alone), registers
 ``prefect.yaml``'s deployments, and writes the variables that point Crucible at the services
 to ``services/env`` (shell syntax, for ``source``). Ports come from ``CRUCIBLE_PREFECT_PORT``,
-``CRUCIBLE_MLFLOW_PORT`` and ``CRUCIBLE_RAY_PORT``; servers listen on 127.0.0.1 only.
+``CRUCIBLE_MLFLOW_PORT``, ``CRUCIBLE_RAY_PORT`` and ``CRUCIBLE_S3_PORT``; servers listen on
+127.0.0.1 only.
+
+The object store is moto's S3 server, in memory (its objects go when it stops), with the bucket
+``S3_BUCKET``; the env file's ``AWS_*`` variables point every S3 client at it (pyarrow's, so
+``store: s3://crucible/store``), the Ray nodes and the Prefect worker included.
 
 Each process starts in its own session, so stopping one is a signal to its process group:
 ``ray start --block`` tears its node down on SIGTERM. ``ray stop`` is not used because it
@@ -49,6 +55,12 @@ BIN = Path(sys.executable).parent  # prefect, mlflow and ray live beside this in
 # Unix socket paths are limited to 107 bytes; Ray puts ~60 more under its temp dir.
 MAX_RAY_TEMP_DIR = 45
 RAY_LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray stays on 127.0.0.1 (see ``services``)
+S3_BUCKET = "crucible"
+S3_CREDENTIALS = {  # moto takes any key; AWS clients insist on having one
+    "AWS_ACCESS_KEY_ID": "crucible",
+    "AWS_SECRET_ACCESS_KEY": "crucible",
+    "AWS_REGION": "us-east-1",
+}
 
 
 def _free_port() -> int:
@@ -79,6 +91,7 @@ class Layout:
     prefect_port: int
     mlflow_port: int
     ray_port: int
+    s3_port: int
 
     @classmethod
     def from_env(cls) -> Layout:
@@ -89,6 +102,7 @@ class Layout:
             prefect_port=int(os.environ.get("CRUCIBLE_PREFECT_PORT") or saved.get("CRUCIBLE_PREFECT_PORT", 4280)),
             mlflow_port=int(os.environ.get("CRUCIBLE_MLFLOW_PORT") or saved.get("CRUCIBLE_MLFLOW_PORT", 5080)),
             ray_port=int(os.environ.get("CRUCIBLE_RAY_PORT") or saved.get("CRUCIBLE_RAY_PORT", 6380)),
+            s3_port=int(os.environ.get("CRUCIBLE_S3_PORT") or saved.get("CRUCIBLE_S3_PORT", 9080)),
         )
 
     @property
@@ -99,9 +113,14 @@ class Layout:
             return here
         return Path("/tmp") / f"crucible-ray-{self.ray_port}"
 
+    def s3_env(self) -> dict[str, str]:
+        """The AWS SDK's standard settings that send S3 clients (pyarrow's, boto's) to the object store."""
+        return object_store_env(f"http://127.0.0.1:{self.s3_port}")
+
     def client_env(self) -> dict[str, str]:
         """What a process needs to run Crucible against these services."""
         return {
+            **self.s3_env(),
             "PREFECT_API_URL": f"http://127.0.0.1:{self.prefect_port}/api",
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.mlflow_port}",
             "RAY_ADDRESS": f"127.0.0.1:{self.ray_port}",
@@ -111,7 +130,24 @@ class Layout:
             "CRUCIBLE_PREFECT_PORT": str(self.prefect_port),
             "CRUCIBLE_MLFLOW_PORT": str(self.mlflow_port),
             "CRUCIBLE_RAY_PORT": str(self.ray_port),
+            "CRUCIBLE_S3_PORT": str(self.s3_port),
         }
+
+
+def object_store_env(endpoint: str) -> dict[str, str]:
+    """Settings for an S3-compatible server at ``endpoint`` with the dummy credentials it accepts."""
+    return {"AWS_ENDPOINT_URL": endpoint, **S3_CREDENTIALS}
+
+
+def create_bucket(env: dict[str, str], bucket: str) -> None:
+    """Create ``bucket`` on the server ``env`` (``object_store_env``) names; one that exists is kept."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(
+        access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"], region=env["AWS_REGION"],
+        endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True,
+    )
+    fs.create_dir(bucket)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -141,6 +177,7 @@ class Service:
     ready: Callable[[], bool]
     env: dict[str, str]
     timeout_s: float = 600.0  # a first start creates databases; CI machines can be slow
+    then: Callable[[], None] | None = None  # once it answers: what it needs before use (the bucket)
 
 
 def services(layout: Layout) -> list[Service]:
@@ -155,8 +192,17 @@ def services(layout: Layout) -> list[Service]:
     # cluster nothing outside this host can reach. RAY_ADDRESS: Ray's own helpers inside our
     # workers (e.g. Ray Train's placement-group cleaner) look the cluster up by it; without it
     # they give up when another Ray runs on the host ("Found multiple active Ray instances").
-    ray_env = {**_base_env(), "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": client["RAY_ADDRESS"]}
+    # The nodes' workers open the store too: they get the object store's settings.
+    ray_env = {**_base_env(), **layout.s3_env(), "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": client["RAY_ADDRESS"]}
+    s3_endpoint = layout.s3_env()["AWS_ENDPOINT_URL"]
     return [
+        Service(
+            "s3",
+            [str(BIN / "moto_server"), "--host", "127.0.0.1", "--port", str(layout.s3_port)],
+            lambda: _answers(f"{s3_endpoint}/moto-api/data.json"),
+            _base_env(),
+            then=lambda: create_bucket(layout.s3_env(), S3_BUCKET),
+        ),
         Service(
             "prefect-server",
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(layout.prefect_port)],
@@ -319,6 +365,8 @@ def wait_ready(layout: Layout, service: Service, attempts: int = 3) -> None:
                 raise RuntimeError(f"{service.name} did not answer within {service.timeout_s:.0f}s; see {log}")
             time.sleep(1)
         else:
+            if service.then is not None:
+                service.then()
             seconds = time.monotonic() - started
             print(f"  {service.name:<15} up   (pid {running_pid(layout, service.name)}, ready after {seconds:.1f}s)", flush=True)
             return
@@ -373,21 +421,31 @@ def _finish(command: subprocess.Popen, layout: Layout) -> None:
         raise RuntimeError(f"{' '.join(command.args[1:])} failed; see {layout.root / 'prefect-cli.log'}")
 
 
+def write_env(layout: Layout) -> dict[str, str]:
+    """Write ``services/env``, the variables that point Crucible at the services; return them."""
+    env = layout.client_env()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    (layout.root / "env").write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
+    return env
+
+
 def up(layout: Layout) -> dict[str, str]:
     """Start every service, create the work pool and the crash-detection automation, deploy
     ``prefect.yaml``; write ``services/env``.
 
     The Ray nodes start first, one after the other, while the machine is otherwise quiet: a
-    Ray node that cannot register within 30 s gives up. The servers then start side by side.
+    Ray node that cannot register within 30 s gives up. Then the object store (seconds) and
+    its bucket, then the servers side by side.
     """
     for folder in ("prefect", "mlflow/artifacts"):
         (layout.root / folder).mkdir(parents=True, exist_ok=True)
-    env = layout.client_env()
-    (layout.root / "env").write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
-    prefect, mlflow, head, node2, worker = services(layout)
+    env = write_env(layout)
+    s3, prefect, mlflow, head, node2, worker = services(layout)
     for node in (head, node2):
         launch(layout, node)
         wait_ready(layout, node)
+    launch(layout, s3)
+    wait_ready(layout, s3)
     launch(layout, prefect)
     launch(layout, mlflow)
     wait_ready(layout, prefect)
@@ -432,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nServices are up. Point Crucible at them (written to {layout.root / 'env'}):")
         print("".join(f"  export {k}={shlex.quote(v)}\n" for k, v in env.items() if not k.startswith("CRUCIBLE_")))
         print(f"Prefect UI: http://127.0.0.1:{layout.prefect_port}   MLflow UI: {env['MLFLOW_TRACKING_URI']}")
+        print(f"Object store: {env['AWS_ENDPOINT_URL']} (in memory), for a config's `store: s3://{S3_BUCKET}/store`")
     elif args.command == "down":
         down(layout)
     elif args.command == "status":

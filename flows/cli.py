@@ -15,7 +15,7 @@ import flows  # noqa: F401  (embedded defaults before Prefect is imported)
 from tasks.config import load_config
 from tasks.errors import CrucibleError
 from tasks.registry import STAGE_ORDER, STAGES
-from tasks.store import read_text
+from tasks.store import join_uri, read_text
 
 
 def status_report(config_path: str) -> dict:
@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {o.stage:<10} {o.state:<7} {size:<28} {o.manifest.path}")
     evaluated = [o for o in outcomes if o.stage == "evaluate"]
     if evaluated:  # the run ends on what it was for: how the models compare (ran or cached)
-        print("\n" + read_text(f"{evaluated[0].manifest.path}/report_card.md"))
+        print("\n" + read_text(join_uri(evaluated[0].manifest.path, "report_card.md")))
     return 0
 
 

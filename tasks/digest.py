@@ -23,18 +23,14 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from tasks.paths import state_dir
+from tasks.paths import state_db
 
 CHUNK = 8 * 1024 * 1024
 _lock = threading.Lock()
 
 
 def _cache() -> sqlite3.Connection:
-    path = state_dir() / "digests.sqlite"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=30)
-    db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, digest TEXT)")
-    return db
+    return state_db("digests.sqlite", "digests (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, digest TEXT)")
 
 
 def _hash(path: Path) -> str:

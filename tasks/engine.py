@@ -25,7 +25,7 @@ from tasks.lease import StageLease
 from tasks.ray_runtime import ensure_ray
 from tasks.registry import STAGE_ORDER, STAGES
 from tasks.stage import Manifest, StageContext, fingerprint_view
-from tasks.store import MANIFEST, StageDir, read_text
+from tasks.store import MANIFEST, StageDir
 from tasks.tracking import RunLogger, StageDataset, created_run, deliver_spool, git_commit, start_run, tracking_uri
 
 try:
@@ -57,9 +57,13 @@ class PlannedStage:
     out: StageDir
 
     def manifest(self) -> Manifest | None:
-        """The stage's manifest if its output is complete (a folder without one never counts)."""
+        """The stage's manifest if its output is complete (a folder without one never counts).
+
+        Its ``path`` is where the folder is reached now: an object store's endpoint, in the
+        store URI's query, may have moved since the manifest was written.
+        """
         data = self.out.read_json(MANIFEST)
-        return Manifest.model_validate(data) if data is not None else None
+        return Manifest.model_validate({**data, "path": self.out.uri}) if data is not None else None
 
 
 def plan(config: PipelineConfig) -> dict[str, PlannedStage]:
@@ -179,7 +183,7 @@ def _report_cached(
         **_stage_tags(me, "cached"), "crucible.produced_by": existing.mlflow_run_id,
     })
     _stage_log(config, me, run_id, uri, datasets).close()
-    report = read_text(me.out.path("report.md")) if me.out.exists("report.md") else ""
+    report = (me.out.read_bytes("report.md") or b"").decode("utf-8")
     return StageOutcome(
         stage=me.name, state="cached", manifest=existing, duration_s=time.monotonic() - started,
         mlflow_run_id=run_id, report=report,

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.errors import StageError
-from tasks.store import StageDir
+from tasks.store import StageDir, join_uri
 
 if TYPE_CHECKING:
     from tasks.config import LeaseConfig
@@ -91,7 +91,7 @@ class StageLease:
     def __init__(self, out: StageDir, stage: str, cfg: LeaseConfig):
         self.place = out.parent()
         self.file = f"{out.name}.lease"
-        self.uri = f"{self.place.uri}/{self.file}"
+        self.uri = join_uri(self.place.uri, self.file)
         self.stage = stage
         self.cfg = cfg
         self.me = Holder.this_run()
@@ -198,6 +198,6 @@ class StageLease:
             return Holder.model_validate_json(data)
         except ValidationError as exc:
             raise StageError(
-                f"{self.place.uri}/{file} is not a lease record ({exc.error_count()} problems); "
+                f"{join_uri(self.place.uri, file)} is not a lease record ({exc.error_count()} problems); "
                 f"delete it if no run is writing stage '{self.stage}'"
             ) from exc

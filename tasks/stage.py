@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.store import StageDir
+from tasks.store import StageDir, filesystem_for, join_uri
 
 if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
     from tasks.config import PipelineConfig
     from tasks.tracking import RunLogger
 
@@ -41,10 +43,19 @@ class Manifest(BaseModel):
     started_at: datetime
     finished_at: datetime
 
+    def _under(self, prefix: str) -> list[str]:
+        return [f for f in self.files if f.startswith(prefix.rstrip("/") + "/")]
+
     def file_paths(self, prefix: str) -> list[str]:
-        """Full paths of the outputs under ``prefix/`` (e.g. ``documents``)."""
-        base = self.path.rstrip("/")
-        return [f"{base}/{f}" for f in self.files if f.startswith(prefix.rstrip("/") + "/")]
+        """Full paths (or URIs) of the outputs under ``prefix/`` (e.g. ``documents``)."""
+        return [join_uri(self.path, f) for f in self._under(prefix)]
+
+    def files_in(self, prefix: str) -> tuple[pafs.FileSystem, list[str]]:
+        """The stage folder's filesystem and the paths in it of the outputs under ``prefix/``:
+        what readers such as Ray Data take (``filesystem=``), since a URI's query (an endpoint)
+        is no part of a path they could parse."""
+        fs, base = filesystem_for(self.path)
+        return fs, [f"{base.rstrip('/')}/{f}" for f in self._under(prefix)]
 
 
 class StageResult(BaseModel):

@@ -4,6 +4,12 @@ Every stage writes under ``{store}/{stage}/{fingerprint}/``. The manifest is wri
 atomically (temporary name + rename on local disks, a single PUT on object stores), so a folder
 without ``manifest.json`` is always an incomplete stage and is never read downstream. Beside
 each folder, ``{fingerprint}.lease`` names the run writing it (``tasks/lease.py``).
+
+Object stores take the AWS SDK's standard settings from the environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), or pyarrow's from the URI's
+query (``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``). A query travels with
+every URI built from the store (``join_uri``), so manifests, Ray tasks and training workers reach
+the same server; ``filesystem_for`` is the one place a URI becomes a filesystem.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pyarrow.fs as pafs
 
@@ -28,11 +35,40 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def _split(uri: str) -> tuple[pafs.FileSystem, str]:
-    if is_remote(uri):
-        return pafs.FileSystem.from_uri(uri)
-    local = uri.removeprefix("file://")
-    return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve())
+def _query(uri: str) -> tuple[str, str]:
+    """(the URI up to its query, ``?query`` or ""); local paths have no query (``?`` is a character)."""
+    if not is_remote(uri):
+        return uri, ""
+    location, mark, query = uri.partition("?")
+    return location, mark + query
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``base/part/…``: a path, or a URI whose query stays at the end."""
+    location, query = _query(base)
+    return "/".join([location.rstrip("/"), *parts]) + query
+
+
+def parent_uri(uri: str) -> str:
+    """The folder holding ``uri`` (its query kept)."""
+    location, query = _query(uri)
+    return location.rstrip("/").rsplit("/", 1)[0] + query
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem holding ``uri`` (a local path, ``file://…`` or an object-store URI)
+    and the path inside it.
+
+    S3 files are opened with ``allow_delayed_open``, so a file smaller than one upload part
+    (a manifest, a lease) goes out as a single PUT that readers see whole or not at all, rather
+    than as a multipart upload.
+    """
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).expanduser().resolve())
+    location, query = _query(uri)
+    if location.startswith("s3://") and "allow_delayed_open" not in parse_qs(query.removeprefix("?")):
+        query = f"{query}&allow_delayed_open=true" if query else "?allow_delayed_open=true"
+    return pafs.FileSystem.from_uri(location + query)
 
 
 @dataclass(frozen=True)
@@ -45,9 +81,9 @@ class StageDir:
 
     @classmethod
     def at(cls, store: str, stage: str, fingerprint: str) -> StageDir:
-        fs, base = _split(store)
+        fs, base = filesystem_for(store)
         root = f"{base.rstrip('/')}/{stage}/{fingerprint}"
-        uri = root if isinstance(fs, pafs.LocalFileSystem) else f"{store.rstrip('/')}/{stage}/{fingerprint}"
+        uri = root if isinstance(fs, pafs.LocalFileSystem) else join_uri(store, stage, fingerprint)
         return cls(fs=fs, root=root, uri=uri)
 
     @property
@@ -61,11 +97,15 @@ class StageDir:
     def parent(self) -> StageDir:
         """The folder holding this one: ``{store}/{stage}``, where the stage's lease lives,
         out of reach of ``clear``."""
-        return StageDir(fs=self.fs, root=self.root.rsplit("/", 1)[0], uri=self.uri.rsplit("/", 1)[0])
+        return StageDir(fs=self.fs, root=self.root.rsplit("/", 1)[0], uri=parent_uri(self.uri))
 
     def path(self, relative: str = "") -> str:
         """Path of ``relative`` inside this folder, as ``self.fs`` expects it."""
         return f"{self.root}/{relative}" if relative else self.root
+
+    def uri_of(self, relative: str) -> str:
+        """``relative`` as a URI another process or tool opens: ``file://…`` on local disks."""
+        return Path(self.path(relative)).as_uri() if self.is_local else join_uri(self.uri, relative)
 
     def make(self, relative: str = "") -> str:
         path = self.path(relative)
@@ -162,6 +202,6 @@ def _complete_temporary(final: str, data: bytes) -> str:
 
 def read_text(uri: str) -> str:
     """The UTF-8 text of the file at ``uri``: a local path or an object-store URI."""
-    fs, path = _split(uri)
+    fs, path = filesystem_for(uri)
     with fs.open_input_stream(path) as stream:
         return stream.read().decode("utf-8")

@@ -27,10 +27,10 @@ from tasks.config import PipelineConfig
 from tasks.data.dedup import REASONS
 from tasks.data.id_index import lookup, read_matching
 from tasks.data.tokenize import SplitIndex, read_token_index
-from tasks.data.tokenizer import filesystem_and_path
 from tasks.engine import PlannedStage, plan
 from tasks.errors import StageError
 from tasks.stage import Manifest
+from tasks.store import filesystem_for, join_uri
 from tasks.train.order import GlobalOrder, micro_batch_of, positions_of, validation_sample
 from tasks.train.pretrain import PretrainConfig
 
@@ -241,11 +241,11 @@ def _quarantined(manifest: Manifest, doc_id: str) -> list[QuarantinedRow]:
     """Quarantined rows of the document's source that name it: a repeat of its id, the file and
     line its id stands for (sources without ids), or its own id in the row's raw text."""
     source, _, raw_id = doc_id.partition("/")
-    files = [f"{manifest.path}/{f}" for f in manifest.files if (m := QUARANTINE_SHARD.fullmatch(f)) and m["source"] == source]
+    files = [join_uri(manifest.path, f) for f in manifest.files if (m := QUARANTINE_SHARD.fullmatch(f)) and m["source"] == source]
     if not files:
         return []
-    fs, _ = filesystem_and_path(files[0])
-    rows = pq.read_table([filesystem_and_path(f)[1] for f in files], filesystem=fs, columns=["file", "line", "error", "raw"])
+    fs, _ = filesystem_for(files[0])
+    rows = pq.read_table([filesystem_for(f)[1] for f in files], filesystem=fs, columns=["file", "line", "error", "raw"])
     named = re.compile(rf"(?<![\w.:/-]){re.escape(raw_id)}(?![\w.:/-])")
     return [
         QuarantinedRow(file=r["file"], line=r["line"], error=r["error"])
@@ -260,7 +260,7 @@ def _filter(doc_id: str, manifest: Manifest, base: dict[str, str]) -> FilterTrac
 
 
 def _dedup(doc_id: str, manifest: Manifest, base: dict[str, str]) -> DedupTrace:
-    found = read_matching(f"{manifest.path}/duplicates.parquet", doc_id).to_pylist()
+    found = read_matching(join_uri(manifest.path, "duplicates.parquet"), doc_id).to_pylist()
     if not found:
         return DedupTrace(**base, status="kept")
     row = found[0]

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.paths import state_dir
+from tasks.paths import state_db, state_dir
 
 DEFERRED = "deferred-"  # prefix of the ids of runs created once the server returns
 
@@ -376,11 +376,7 @@ def _create(uri: str, request: dict[str, Any]) -> str:
 
 def _deferred_runs() -> sqlite3.Connection:
     """The deferred runs of this state dir: their creation requests, and their real ids once created."""
-    path = state_dir() / "mlflow-deferred.sqlite"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=60)
-    db.execute("CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, uri TEXT, request TEXT, real_id TEXT)")
-    return db
+    return state_db("mlflow-deferred.sqlite", "runs (id TEXT PRIMARY KEY, uri TEXT, request TEXT, real_id TEXT)", timeout_s=60)
 
 
 def resolve_run(uri: str, run_id: str) -> str:

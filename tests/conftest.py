@@ -11,6 +11,12 @@ os.environ.setdefault("CRUCIBLE_PROGRESS", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from deployments.services import S3_CREDENTIALS  # noqa: E402
+
+# The dummy credentials of the tests' S3 server (test_s3_store.py), set before any Ray worker
+# starts so that workers sign their requests too; no test may use a real account's.
+os.environ.update(S3_CREDENTIALS)
+
 import pytest
 
 
@@ -25,14 +31,47 @@ def ray_session():
     yield ray
 
 
-@pytest.fixture
-def tmp_home(tmp_path, monkeypatch):
-    """CRUCIBLE_HOME (MLflow SQLite, default store) in a temp dir; no tracking server from the env."""
-    home = tmp_path / "home"
+def use_home(home, monkeypatch):
+    """CRUCIBLE_HOME (MLflow SQLite, default store) at ``home``; no tracking server or Ray cluster from the env."""
     monkeypatch.setenv("CRUCIBLE_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return home
+
+
+@pytest.fixture
+def tmp_home(tmp_path, monkeypatch):
+    """``use_home`` in a temp dir, for one test."""
+    return use_home(tmp_path / "home", monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def home_at():
+    """``home_at(folder, monkeypatch)``: see ``use_home``; for fixtures that outlive one test."""
+    return use_home
+
+
+CHEAP_FILTER = {"langid": {"languages": ["en"]}, "toxicity": None, "gopher_quality": None,
+                "gopher_repetition": None, "c4": None, "fineweb": None}
+"""filter's cheap checks only (language ID): the store contract is the same for every filter."""
+
+
+def tiny_sections(*stages: str) -> dict:
+    """``configs/tiny.yaml`` as a dict, cut to ``name``, ``ray`` and ``stages``, filter with
+    ``CHEAP_FILTER``: what tests that need the chain but not every filter edit and validate."""
+    from tasks.config import load_config
+
+    data = load_config("configs/tiny.yaml").model_dump(mode="json", exclude_none=True)
+    data = {k: v for k, v in data.items() if k in {"name", "ray", *stages}}
+    if "filter" in data:
+        data["filter"]["default"] = dict(CHEAP_FILTER)
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_cut():
+    """``tiny_cut(*stages)``: see ``tiny_sections``."""
+    return tiny_sections
 
 
 @pytest.fixture(scope="session")

@@ -19,15 +19,10 @@ from tasks.tracking import tracking_uri
 
 
 @pytest.fixture
-def tiny(tmp_home):
+def tiny(tmp_home, tiny_cut):
     """The tiny config cut to ingest -> filter, with filter's cheap checks only: the contract
     is the same for every stage, and the whole chain runs once in test_flows."""
-    data = load_config("configs/tiny.yaml").model_dump(mode="json", exclude_none=True)
-    keep = {"name", "ray", "ingest", "filter"}
-    data = {k: v for k, v in data.items() if k in keep}
-    data["filter"]["default"] = {"langid": {"languages": ["en"]}, "toxicity": None, "gopher_quality": None,
-                                 "gopher_repetition": None, "c4": None, "fineweb": None}
-    return validate_config(data, "tiny (ingest + filter)")
+    return validate_config(tiny_cut("ingest", "filter"), "tiny (ingest + filter)")
 
 
 def test_fingerprint_is_stable_across_processes(tmp_home):

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import warnings
@@ -37,17 +38,67 @@ def wait_until_up(url: str, seconds: float = 300) -> None:
     raise TimeoutError(url)
 
 
-@contextlib.contextmanager
-def mlflow_server(port: int, db: str) -> Iterator[None]:
-    """An MLflow tracking server on ``port`` over ``db`` while the block runs (the outage ends)."""
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+class Tracking:
+    """One MLflow server for the module, reached through a loopback port that can be switched
+    off: an outage is that port refusing connections (and dropping open ones), so each test's
+    outage ends without another server start, which costs tens of seconds on 2 cores."""
+
+    def __init__(self, db: str, server_port: int):
+        self.db, self.server_port, self.port = db, server_port, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @contextlib.contextmanager
+    def up(self) -> Iterator[None]:
+        """The server answers at ``url`` while the block runs (the outage ends)."""
+        listener = socket.create_server(("127.0.0.1", self.port))
+        connections: list[socket.socket] = []
+
+        def accept() -> None:
+            while True:
+                try:
+                    client, _ = listener.accept()
+                except OSError:
+                    return
+                server = socket.create_connection(("127.0.0.1", self.server_port))
+                connections.extend((client, server))
+                for a, b in ((client, server), (server, client)):
+                    threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        try:
+            yield
+        finally:
+            listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+            for connection in connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory) -> Iterator[Tracking]:
+    root = tmp_path_factory.mktemp("mlflow")
+    db, port = f"sqlite:///{root / 'mlflow.db'}", free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", db, "--default-artifact-root", db.removeprefix("sqlite:///") + ".artifacts", "--workers", "1"],
+         "--backend-store-uri", db, "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
         wait_until_up(f"http://127.0.0.1:{port}")
-        yield
+        yield Tracking(db, port)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
@@ -58,12 +109,10 @@ def test_flatten_nested_params():
     assert flat == {"a.b": "1", "sources.0.name": "x", "sources.1.name": "y", "tags": "['p', 'q']"}
 
 
-def test_outage_buffers_then_flushes_in_order(tmp_path):
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_outage_buffers_then_flushes_in_order(tracking):
+    db, url = tracking.db, tracking.url
     local = MlflowClient(db)
     run_id = local.create_run(experiment_id(db, "outage")).info.run_id
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
 
     log = RunLogger(run_id, url)
     with pytest.warns(RuntimeWarning, match="MLflow unreachable"):
@@ -72,7 +121,7 @@ def test_outage_buffers_then_flushes_in_order(tmp_path):
     log.set_tags({"phase": "outage"})
     assert log.pending == 3  # nothing lost, nothing raised
 
-    with mlflow_server(port, db):
+    with tracking.up():
         with pytest.warns(RuntimeWarning, match="is back"):
             assert log.flush() is True
         log.log_metrics({"loss": 0.5}, step=3)
@@ -98,12 +147,10 @@ def test_logger_works_from_a_ray_worker(tmp_path, ray_session):
     assert [m.step for m in local.get_metric_history(run_id, "loss")] == [0, 1, 2]
 
 
-def test_a_worker_ending_during_an_outage_spills_and_a_later_call_delivers(tmp_path, ray_session):
-    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_worker_ending_during_an_outage_spills_and_a_later_call_delivers(tmp_path, ray_session, tracking):
+    db, url = tracking.db, tracking.url
     local = MlflowClient(db)
     run_id = local.create_run(experiment_id(db, "spool")).info.run_id
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     spool = tmp_path / "spool"
 
     @ray_session.remote
@@ -121,22 +168,21 @@ def test_a_worker_ending_during_an_outage_spills_and_a_later_call_delivers(tmp_p
     assert len(list(spool.glob("*.jsonl"))) == 2
     assert deliver_spool(spool) == 0 and len(list(spool.glob("*.jsonl"))) == 2  # still away: nothing lost
 
-    with mlflow_server(port, db):
+    with tracking.up():
         assert deliver_spool(spool) == 4  # three metric batches, then the end of the run
     assert [(m.step, m.value) for m in local.get_metric_history(run_id, "loss")] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
     assert local.get_run(run_id).info.status == "FINISHED"
     assert list(spool.iterdir()) == []
 
 
-def test_a_run_started_during_an_outage_is_created_with_its_calls_when_the_server_returns(tmp_path, tmp_home):
+def test_a_run_started_during_an_outage_is_created_with_its_calls_when_the_server_returns(tmp_home, tracking):
     """Run creation, a nested run, a tag naming another run and a model registration all wait
     through the outage (spilled to the spool by the ending process) and land in order after it."""
-    port = free_port()
-    url, db = f"http://127.0.0.1:{port}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    url, db = tracking.url, tracking.db
     source = "s3://store/pretrain/0123/model"  # a tracking server takes local paths only inside a run's artifacts
     with pytest.warns(RuntimeWarning, match="created when it returns"):
-        parent = start_run(url, "outage", "pipeline", None, {"crucible.kind": "pipeline"})
-        child = start_run(url, "outage", "pretrain", parent, {"crucible.stage": "pretrain"})
+        parent = start_run(url, "deferred", "pipeline", None, {"crucible.kind": "pipeline"})
+        child = start_run(url, "deferred", "pretrain", parent, {"crucible.stage": "pretrain"})
     assert parent.startswith(DEFERRED) and child.startswith(DEFERRED) and created_run(child) is None
     began = time.time() * 1000
 
@@ -151,7 +197,7 @@ def test_a_run_started_during_an_outage_is_created_with_its_calls_when_the_serve
         RunLogger(parent, url).close()
     assert deliver_spool() == 0  # still away: nothing lost
 
-    with mlflow_server(port, db):
+    with tracking.up():
         assert deliver_spool() == 6  # params, metrics, tags, registration, two run ends
     real_parent, real_child = created_run(parent), created_run(child)
     assert real_parent and real_child and not real_child.startswith(DEFERRED)
@@ -165,7 +211,7 @@ def test_a_run_started_during_an_outage_is_created_with_its_calls_when_the_serve
     assert version.run_id == real_child and version.source == source
 
 
-def test_a_stage_run_through_an_outage_is_tracked_and_its_model_registered_afterwards(tmp_path, tmp_home, ray_session, monkeypatch):
+def test_a_stage_run_through_an_outage_is_tracked_and_its_model_registered_afterwards(tmp_home, ray_session, monkeypatch, tracking):
     """The engine's side: a pipeline whose tracking server is down from the start runs, says the
     registration is pending, and everything reaches MLflow on the next delivery."""
     import tasks.registry as registry
@@ -173,8 +219,7 @@ def test_a_stage_run_through_an_outage_is_tracked_and_its_model_registered_after
     from tasks.engine import run_pipeline
     from tasks.stage import Stage, StageResult
 
-    port = free_port()
-    url, db = f"http://127.0.0.1:{port}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    url, db = tracking.url, tracking.db
     data = load_config("configs/tiny.yaml").model_dump(mode="json", exclude_none=True)
     config = validate_config({**{k: data[k] for k in ("name", "ray", "ingest")}, "tracking": {"uri": url}}, "tiny ingest")
 
@@ -190,7 +235,7 @@ def test_a_stage_run_through_an_outage_is_tracked_and_its_model_registered_after
     assert outcome.state == "ran" and "pending" in outcome.report
     assert outcome.manifest.mlflow_run_id.startswith(DEFERRED)
 
-    with mlflow_server(port, db):
+    with tracking.up():
         assert deliver_spool() > 0
     stage_run = MlflowClient(db).get_run(created_run(outcome.manifest.mlflow_run_id))
     assert stage_run.data.tags["crucible.stage"] == "ingest" and stage_run.data.tags["crucible.state"] == "ran"

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.data.ingest import QUARANTINE_SCHEMA, RAW_PREVIEW, BadRow, list_source_files, relative_name
 from tasks.errors import ConfigError
 from tasks.stage import DIGESTED
-from tasks.store import is_remote
+from tasks.store import filesystem_for
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
@@ -275,7 +275,7 @@ def load_examples(sources: list[ChatSource], kind: Literal["chat", "preference",
         if not files:
             problems.append((f"{where}[{i}].path", f"no files match '{source.path}'"))
             continue
-        fs = pafs.FileSystem.from_uri(source.path)[0] if is_remote(source.path) else pafs.LocalFileSystem()
+        fs = filesystem_for(source.path)[0]
         for info in files:
             rel = relative_name(info.path, base)
 

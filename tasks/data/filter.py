@@ -95,11 +95,8 @@ class Unit:
 
 def upstream_documents(manifest: Manifest) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem of an upstream stage and its document shards' paths inside it."""
-    if "://" in manifest.path and not manifest.path.startswith("file://"):
-        fs, base = pafs.FileSystem.from_uri(manifest.path)
-    else:
-        fs, base = pafs.LocalFileSystem(), manifest.path.removeprefix("file://")
-    return fs, [f"{base.rstrip('/')}/{f}" for f in manifest.files if f.startswith("documents/") and f.endswith(".parquet")]
+    fs, paths = manifest.files_in("documents")
+    return fs, [p for p in paths if p.endswith(".parquet")]
 
 
 def list_units(fs: pafs.FileSystem, paths: list[str]) -> list[Unit]:

@@ -25,10 +25,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from tasks.data.tokenizer import filesystem_and_path, id_hashes
+from tasks.data.tokenizer import id_hashes
 from tasks.errors import StageError
 from tasks.stage import Manifest
-from tasks.store import StageDir
+from tasks.store import StageDir, filesystem_for, join_uri
 
 IDS = "ids"
 ROWS_PER_BUCKET = 250_000
@@ -64,13 +64,13 @@ def lookup(manifest: Manifest, doc_id: str, columns: list[str] | None = None) ->
     if not buckets:
         raise StageError(f"{manifest.stage} output {manifest.path} has no id index ({IDS}/): it predates `crucible trace`")
     bucket = buckets[int(bucket_of([doc_id], len(buckets))[0])]
-    return read_matching(f"{manifest.path.rstrip('/')}/{bucket}", doc_id, columns)
+    return read_matching(join_uri(manifest.path, bucket), doc_id, columns)
 
 
 def read_matching(uri: str, doc_id: str, columns: list[str] | None = None) -> pa.Table:
     """The rows of one Parquet file whose ``id`` is ``doc_id``; only row groups whose id statistics
     admit it are read."""
-    fs, path = filesystem_and_path(uri)
+    fs, path = filesystem_for(uri)
     return pq.read_table(path, filesystem=fs, columns=columns, filters=pc.field("id") == doc_id)
 
 

@@ -34,7 +34,7 @@ from tasks.data.id_index import constant, shard_tables, write_id_index
 from tasks.errors import ConfigError, require_unique
 from tasks.digest import listed_digest, listing_digest
 from tasks.stage import DIGESTED, Stage, StageContext, StageResult
-from tasks.store import StageDir, is_remote
+from tasks.store import StageDir, filesystem_for, is_remote
 
 DOCUMENT_SCHEMA = pa.schema(
     [
@@ -114,7 +114,7 @@ def list_source_files(source: Source) -> tuple[str, list[pafs.FileInfo]]:
     """Files of a source as (base dir, infos), sorted so ids and shard numbers are stable."""
     pattern = source.path
     if is_remote(pattern):
-        fs, path = pafs.FileSystem.from_uri(pattern)
+        fs, path = filesystem_for(pattern)
         base = _glob_base(path)
         if base == path:
             infos = [fs.get_file_info(path)]
@@ -428,7 +428,7 @@ def ingest_file(task: dict[str, Any], cfg: IngestConfig, out_root: str, fs: pafs
         tallies = {key: int(meta.get(f"crucible.{key}".encode(), 0)) for key in TALLIES}  # shards from before `skipped` lack it
         return {"source": source.name, **tallies, "reused": True}
 
-    src_fs = pafs.FileSystem.from_uri(task["fs_uri"])[0] if task["fs_uri"] else pafs.LocalFileSystem()
+    src_fs = filesystem_for(task["fs_uri"])[0] if task["fs_uri"] else pafs.LocalFileSystem()
     docs = _ShardWriter(fs, docs_path, DOCUMENT_SCHEMA, cfg.row_group_rows)
     bad = _ShardWriter(fs, f"{out_root}/quarantine/{shard}", QUARANTINE_SCHEMA, cfg.row_group_rows)
     seen: set[str] = set()

@@ -188,7 +188,7 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg: PiiConfig = ctx.config
     (upstream,) = ctx.upstream.values()
-    files = upstream.file_paths("documents")
+    in_fs, files = upstream.files_in("documents")
     out_root, fs = ctx.out.root, ctx.out.fs
     ctx.out.make("documents")
     if cfg.max_hits is not None:
@@ -198,7 +198,7 @@ def run(ctx: StageContext) -> StageResult:
     per_batch: list[dict[str, Any]] = []
     if files:
         per_batch = (
-            ray.data.read_parquet(files)
+            ray.data.read_parquet(files, filesystem=in_fs)
             .map_batches(
                 redact_batch,
                 batch_size=cfg.batch_size,

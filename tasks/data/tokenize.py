@@ -78,7 +78,6 @@ from tasks.data.filter import _ShardWriter
 from tasks.data.filters.batch import REASON_FIELD
 from tasks.data.id_index import write_id_index
 from tasks.data.tokenizer import (
-    filesystem_and_path,
     id_hashes,
     id_uniform,
     load_backend_tokenizer,
@@ -87,7 +86,7 @@ from tasks.data.tokenizer import (
 )
 from tasks.errors import StageError
 from tasks.stage import Manifest, Stage, StageContext, StageResult
-from tasks.store import StageDir
+from tasks.store import StageDir, filesystem_for, join_uri
 
 FORMAT = "crucible-tokens/1"
 INDEX = "index.json"
@@ -192,7 +191,7 @@ class TokenIndex(BaseModel):
 def read_token_index(source: Manifest | str) -> TokenIndex:
     """The ``index.json`` of a ``tokenize`` output (its manifest, or its folder path/URI)."""
     root = source.path if isinstance(source, Manifest) else source
-    fs, path = filesystem_and_path(f"{root.rstrip('/')}/{INDEX}")
+    fs, path = filesystem_for(join_uri(root, INDEX))
     with fs.open_input_stream(path) as src:
         return TokenIndex.model_validate_json(src.read())
 
@@ -219,7 +218,7 @@ class TokenShards:
         if self._arrays is None:
             arrays = []
             for file in self.files:
-                fs, path = filesystem_and_path(file)
+                fs, path = filesystem_for(file)
                 if isinstance(fs, pafs.LocalFileSystem):
                     arrays.append(np.load(path, mmap_mode="r"))
                 else:
@@ -255,10 +254,10 @@ class TokenShards:
 
 def load_token_shards(source: Manifest | str, split: str = "train") -> TokenShards:
     """The packed sequences of ``split`` ("train" or "val") of a ``tokenize`` output."""
-    root = (source.path if isinstance(source, Manifest) else source).rstrip("/")
+    root = source.path if isinstance(source, Manifest) else source
     index = read_token_index(root)
     entry = index.splits[split]
-    files = [f"{root}/{s.file}" for s in entry.shards]
+    files = [join_uri(root, s.file) for s in entry.shards]
     return TokenShards(files, [s.sequences for s in entry.shards], index.seq_len, index.dtype)
 
 
@@ -504,9 +503,8 @@ def _documents_manifest(ctx: StageContext) -> Manifest:
     return documents
 
 
-def _has_column(paths: list[str], column: str) -> bool:
-    fs, path = filesystem_and_path(paths[0])
-    return column in pq.read_schema(path, filesystem=fs).names
+def _has_column(fs: pafs.FileSystem, paths: list[str], column: str) -> bool:
+    return column in pq.read_schema(paths[0], filesystem=fs).names
 
 
 def _write_rejected(
@@ -598,11 +596,11 @@ def run(ctx: StageContext) -> StageResult:
     import ray
 
     cfg: TokenizeConfig = ctx.config
-    paths = _documents_manifest(ctx).file_paths("documents")
+    fs, paths = _documents_manifest(ctx).files_in("documents")
     if not paths:
         raise StageError("tokenize: the upstream stage has no documents")
     use_lang = cfg.lang_mix is not None
-    if use_lang and not _has_column(paths, "lang"):
+    if use_lang and not _has_column(fs, paths, "lang"):
         raise StageError("tokenize: lang_mix needs a `lang` column (added by the filter stage's language ID)")
     tok_uri = tokenizer_uri(ctx.upstream["tokenizer"])
     tokenizer = load_stage_tokenizer(tok_uri)
@@ -610,10 +608,10 @@ def run(ctx: StageContext) -> StageResult:
     dtype = "uint16" if vocab <= 2**16 else "uint32"
 
     workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    has_source = _has_column(paths, "source")
+    has_source = _has_column(fs, paths, "source")
     columns = ["id", "text", "domain"] + (["source"] if has_source else []) + (["lang"] if use_lang else [])
     tokenized = (
-        ray.data.read_parquet(paths, columns=columns)
+        ray.data.read_parquet(paths, columns=columns, filesystem=fs)
         .map_batches(
             TokenizeDocuments,
             fn_constructor_args=(tok_uri, cfg.val_fraction, use_lang, has_source),

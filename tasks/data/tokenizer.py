@@ -32,6 +32,7 @@ from models.tokenizer import MIN_VOCAB_SIZE, bytes_per_token, load_tokenizer, sa
 from tasks.digest import folder_digest
 from tasks.errors import ConfigError, StageError
 from tasks.stage import DIGESTED, Manifest, Stage, StageContext, StageResult
+from tasks.store import filesystem_for, join_uri
 
 TOKENIZER_DIR = "tokenizer"
 SAMPLE_SALT = "tokenizer-sample"
@@ -99,7 +100,9 @@ def _below(batch: pa.Table, salt: str, threshold: int | None) -> pa.Table:
     return pa.table({"key": pa.array(keys[keep]), "text": batch.column("text").filter(pa.array(keep))})
 
 
-def sample_texts(paths: list[str], k: int, seed: int, rows: int | None) -> list[str]:
+def sample_texts(
+    paths: list[str], k: int, seed: int, rows: int | None, filesystem: pafs.FileSystem | None = None
+) -> list[str]:
     """The texts of the ``k`` documents with the smallest ``hash(seed, id)``, in hash order.
 
     Workers drop every row whose hash lies above ``k`` plus a few standard deviations' worth of
@@ -115,7 +118,7 @@ def sample_texts(paths: list[str], k: int, seed: int, rows: int | None) -> list[
     salt = f"{SAMPLE_SALT}:{seed}"
     keys: list[np.ndarray] = []
     texts: list[str] = []
-    kept = ray.data.read_parquet(paths, columns=["id", "text"]).map_batches(
+    kept = ray.data.read_parquet(paths, columns=["id", "text"], filesystem=filesystem).map_batches(
         _below, batch_format="pyarrow", fn_kwargs={"salt": salt, "threshold": threshold}
     )
     for batch in kept.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -132,19 +135,14 @@ def sample_texts(paths: list[str], k: int, seed: int, rows: int | None) -> list[
 
 def tokenizer_uri(manifest: Manifest) -> str:
     """Where a completed ``tokenizer`` stage keeps its Hugging Face files."""
-    return f"{manifest.path.rstrip('/')}/{TOKENIZER_DIR}"
-
-
-def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or a URI (``s3://…``) as the pyarrow filesystem and the path inside it."""
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    return join_uri(manifest.path, TOKENIZER_DIR)
 
 
 def load_stage_tokenizer(uri: str) -> Any:
     """Load the tokenizer folder at ``uri`` (local path or object-store URI) as a fast HF tokenizer."""
     from transformers import AutoTokenizer
 
-    fs, root = filesystem_and_path(uri)
+    fs, root = filesystem_for(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         return AutoTokenizer.from_pretrained(root, local_files_only=True)
     with tempfile.TemporaryDirectory() as local:
@@ -157,7 +155,7 @@ def load_stage_tokenizer(uri: str) -> Any:
 
 def load_backend_tokenizer(uri: str) -> Tokenizer:
     """Just the Rust tokenizer of the folder at ``uri``: what workers encode with, without importing transformers."""
-    fs, root = filesystem_and_path(uri)
+    fs, root = filesystem_for(uri)
     with fs.open_input_stream(f"{root.rstrip('/')}/tokenizer.json") as src:
         return Tokenizer.from_str(src.read().decode("utf-8"))
 
@@ -179,7 +177,8 @@ def inputs_digest(cfg: TokenizerConfig, _pipeline: Any) -> str:
 def run(ctx: StageContext) -> StageResult:
     cfg: TokenizerConfig = ctx.config
     (documents,) = ctx.upstream.values()
-    sample = sample_texts(documents.file_paths("documents"), cfg.sample_docs, cfg.seed, documents.rows)
+    fs, paths = documents.files_in("documents")
+    sample = sample_texts(paths, cfg.sample_docs, cfg.seed, documents.rows, filesystem=fs)
     if not sample:
         raise StageError("tokenizer: the upstream stage has no documents to sample")
 

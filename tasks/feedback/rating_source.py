@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tasks.errors import CrucibleError
 from tasks.feedback.votes import RatedPair
-from tasks.store import MANIFEST, StageDir, read_text
+from tasks.store import MANIFEST, StageDir, join_uri, read_text
 
 if TYPE_CHECKING:
     from tasks.config import PipelineConfig
@@ -74,12 +74,12 @@ class RatingSource:
 
     def report_card(self) -> str:
         """The evaluate stage's report card (markdown), or "" when the folder has none."""
-        return read_text(f"{self.folder}/{REPORT_CARD}") if REPORT_CARD in self.files else ""
+        return read_text(join_uri(self.folder, REPORT_CARD)) if REPORT_CARD in self.files else ""
 
     def _rows(self, relative: str) -> dict[str, dict]:
         """A samples file's rows by prompt id; a row without ``id``/``prompt``/``reply`` is an error naming the file and line."""
         rows = {}
-        for number, line in enumerate(read_text(f"{self.folder}/{relative}").splitlines(), start=1):
+        for number, line in enumerate(read_text(join_uri(self.folder, relative)).splitlines(), start=1):
             if not line.strip():
                 continue
             where = f"{self.folder}/{relative}:{number}"
@@ -104,13 +104,12 @@ def latest_of_the_same_models(planned: PlannedStage) -> Manifest | None:
 
     from tasks.stage import Manifest
 
-    out = planned.out
-    parent = out.root.rsplit("/", 1)[0]
+    parent = planned.out.parent()
     found = []
-    for info in out.fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True)):
+    for info in parent.fs.get_file_info(pafs.FileSelector(parent.root, allow_not_found=True)):
         if info.type != pafs.FileType.Directory:
             continue
-        sibling = StageDir(fs=out.fs, root=info.path, uri=f"{out.uri.rsplit('/', 1)[0]}/{info.base_name}")
+        sibling = StageDir(fs=parent.fs, root=info.path, uri=join_uri(parent.uri, info.base_name))
         data = sibling.read_json(MANIFEST)
         if data is not None and data.get("upstream") == planned.upstream:
             found.append(Manifest.model_validate(data))

@@ -46,6 +46,7 @@ from tasks.data.chat_data import ChatSource, DataSource, Example, StageSource, i
 from tasks.data.filters.decontam import build_index
 from tasks.errors import ConfigError, StageError
 from tasks.stage import Manifest, StageContext
+from tasks.store import filesystem_for, is_remote, join_uri
 from tasks.tracking import Registration
 from tasks.train.data import ExampleSource
 from tasks.train.lora import add_lora
@@ -138,7 +139,7 @@ def resolve_sources(ctx: StageContext, sources: list[DataSource], kind: str, fie
             manifest = ctx.upstream[source.stage]
             if source.file not in manifest.files:
                 raise StageError(f"stage '{source.stage}' output at {manifest.path} has no {source.file}")
-            out.append(ChatSource(name=source.name, path=f"{manifest.path.rstrip('/')}/{source.file}"))
+            out.append(ChatSource(name=source.name, path=join_uri(manifest.path, source.file)))
     if problems:
         raise ConfigError("config", problems)
     return out
@@ -181,7 +182,7 @@ def model_uri(manifest: Manifest) -> str:
     """The Hugging Face folder a completed training stage wrote."""
     if f"{MODEL_DIR}/config.json" not in manifest.files:
         raise StageError(f"stage '{manifest.stage}' output at {manifest.path} has no {MODEL_DIR}/config.json")
-    return f"{manifest.path.rstrip('/')}/{MODEL_DIR}"
+    return join_uri(manifest.path, MODEL_DIR)
 
 
 def start_model(ctx: StageContext, upstream: str) -> str:
@@ -221,9 +222,9 @@ def _build_with_lora(build: Callable[[], nn.Module], settings: LoraSettings, tas
 @functools.cache
 def materialize(uri: str) -> str:
     """A local folder with the files of ``uri`` (the folder itself when it is local; cached per process)."""
-    if "://" not in uri or uri.startswith("file://"):
+    if not is_remote(uri):
         return uri.removeprefix("file://")
-    fs, root = pafs.FileSystem.from_uri(uri)
+    fs, root = filesystem_for(uri)
     local = tempfile.mkdtemp(prefix="crucible-model-")
     pafs.copy_files(root, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local
@@ -292,7 +293,7 @@ def train_and_export(
     outcome = run_training(job, ctx.out.path(CHECKPOINT_DIR), fs, name=ctx.name)
     write_tokenizer(tokenizer, fs, model_path)
     metrics = {k: v for k, v in outcome.metrics.items() if k.startswith(("train/", "val/"))}
-    return f"{ctx.out.uri.rstrip('/')}/{MODEL_DIR}", metrics
+    return join_uri(ctx.out.uri, MODEL_DIR), metrics
 
 
 def on_worker(cfg: TrainConfig, fn: Callable[..., R], *args: Any) -> R:
@@ -314,9 +315,5 @@ def publish_model(ctx: StageContext, cfg: PostTrainConfig, default_name: str | N
     name = cfg.registered_model or default_name or ctx.pipeline.name
     tags = {"crucible.stage": ctx.name, "crucible.fingerprint": ctx.out.root.rsplit("/", 1)[-1]}
     if cfg.lora is not None:  # the adapters alone, as a model of their own beside the merged one
-        ctx.log.register_model(f"{name}-adapter", _source(ctx, ADAPTER_DIR), cfg.alias, tags)
-    return ctx.log.register_model(name, _source(ctx, MODEL_DIR), cfg.alias, tags)
-
-
-def _source(ctx: StageContext, folder: str) -> str:
-    return Path(ctx.out.path(folder)).as_uri() if ctx.out.is_local else f"{ctx.out.uri}/{folder}"
+        ctx.log.register_model(f"{name}-adapter", ctx.out.uri_of(ADAPTER_DIR), cfg.alias, tags)
+    return ctx.log.register_model(name, ctx.out.uri_of(MODEL_DIR), cfg.alias, tags)

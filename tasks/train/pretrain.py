@@ -15,7 +15,6 @@ alias ``alias`` (fail-soft).
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -27,6 +26,7 @@ from tasks.data.tokenize import TokenIndex, load_token_shards, read_token_index
 from tasks.data.tokenizer import tokenizer_uri
 from tasks.errors import ConfigError
 from tasks.stage import Stage, StageContext, StageResult
+from tasks.store import filesystem_for
 from tasks.tracking import Registration
 from tasks.train.settings import TrainConfig
 
@@ -83,13 +83,8 @@ def model_arguments(cfg: PretrainConfig, index: TokenIndex) -> dict[str, Any]:
 
 
 def _copy_tokenizer(source_uri: str, dest: str, fs: pafs.FileSystem) -> None:
-    source_fs, source = pafs.FileSystem.from_uri(source_uri) if "://" in source_uri else (pafs.LocalFileSystem(), source_uri)
+    source_fs, source = filesystem_for(source_uri)
     pafs.copy_files(source, dest, source_filesystem=source_fs, destination_filesystem=fs)
-
-
-def _model_uri(ctx: StageContext) -> str:
-    path = ctx.out.path(MODEL_DIR)
-    return Path(path).as_uri() if ctx.out.is_local else f"{ctx.out.uri}/{MODEL_DIR}"
 
 
 def _report(cfg: PretrainConfig, params: int, summary: dict[str, float], registration: Registration) -> str:
@@ -144,7 +139,7 @@ def run(ctx: StageContext) -> StageResult:
         }
     name = cfg.registered_model or ctx.pipeline.name
     registration = ctx.log.register_model(
-        name, _model_uri(ctx), cfg.alias, {"crucible.stage": ctx.name, "crucible.fingerprint": ctx.out.root.rsplit("/", 1)[-1]},
+        name, ctx.out.uri_of(MODEL_DIR), cfg.alias, {"crucible.stage": ctx.name, "crucible.fingerprint": ctx.out.root.rsplit("/", 1)[-1]},
     )
     return StageResult(
         tokens=int(final["train/tokens_seen"]),

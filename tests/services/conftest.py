@@ -105,8 +105,9 @@ def svc() -> Iterator[Services]:
         "CRUCIBLE_MLFLOW_PORT": str(_free_port()),
         "CRUCIBLE_RAY_PORT": str(_free_port()),
         "CRUCIBLE_CRASH_AFTER_S": "60",  # a killed run is marked Crashed after 60 s, not 120 (two 30 s beats)
+        "CRUCIBLE_S3_PORT": str(_free_port()),
     }
-    layout = Layout(home / "services", int(env["CRUCIBLE_PREFECT_PORT"]), int(env["CRUCIBLE_MLFLOW_PORT"]), int(env["CRUCIBLE_RAY_PORT"]))
+    layout = Layout(home / "services", *(int(env[f"CRUCIBLE_{name}_PORT"]) for name in ("PREFECT", "MLFLOW", "RAY", "S3")))
     try:
         started = time.monotonic()
         subprocess.run([sys.executable, "-m", "deployments.services", "up"], env=env, cwd=PROJECT_DIR, check=True)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.digest import listed_digest, listing_digest
 from tasks.errors import ConfigError
 from tasks.stage import DIGESTED
-from tasks.store import is_remote
+from tasks.store import filesystem_for, is_remote
 
 _WORD = re.compile(r"\w+")
 _MULTIPLIER = np.uint64(0x100000001B3)
@@ -85,12 +85,6 @@ class EvalIndex:
         return bool(np.any(self.hashes[at] == found))
 
 
-def _open(path: str) -> tuple[pafs.FileSystem, str]:
-    if is_remote(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path.removeprefix("file://")
-
-
 def _field_texts(value: object) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -104,7 +98,7 @@ def build_index(cfg: DecontaminationConfig, field: str = "filter.decontamination
     the config holds ``cfg``)."""
     parts, texts, short, bad = [], 0, 0, 0
     for i, spec in enumerate(cfg.files):
-        fs, path = _open(spec.path)
+        fs, path = filesystem_for(spec.path)
         try:
             with fs.open_input_stream(path) as stream:
                 data = stream.read()
@@ -136,7 +130,7 @@ def eval_files_digest(cfg: DecontaminationConfig, field: str = "filter.decontami
     names or where they lie: only their texts go into the index."""
     parts = {}
     for i, spec in enumerate(cfg.files):
-        fs, path = _open(spec.path)
+        fs, path = filesystem_for(spec.path)
         info = fs.get_file_info(path)
         if info.type != pafs.FileType.File:
             raise ConfigError("config", [(f"{field}.files[{i}].path", f"no such file '{spec.path}'")])
