@@ -18,13 +18,8 @@ from collections.abc import Iterator
 import pytest
 from mlflow import MlflowClient
 
+from deployments.services import _free_port as free_port
 from tasks.tracking import DEFERRED, RunLogger, created_run, deliver_spool, experiment_id, flatten, start_run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_up(url: str, seconds: float = 300) -> None:
